@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CacheConfig, PackedKVCache
+from .cache import CacheConfig, ContextOverflowError, PackedKVCache
 from .decoder import ChunkOutput, PackedLlama
 from .features import RarityTracker, TokenFeatures, next_token_stats
 from .policy import Policy
@@ -61,7 +61,7 @@ class Session:
     def forward(self, ids: torch.Tensor, logits: str = "all") -> ChunkOutput:
         """ids: [T] or [B, T] -> the chunk's outputs, nothing committed."""
         ids = ids if ids.dim() == 2 else ids[None]
-        if logits == "last" and self.policy.needs_features:
+        if self.policy.needs_features:
             logits = "all"  # entropy/confidence need every position's distribution
         return self.decoder(ids, self.cache, logits=logits, with_stats=self.policy.needs_features)
 
@@ -70,11 +70,13 @@ class Session:
         t = ids.shape[-1]
         ids = ids.reshape(t)
         rarity = self.rarity.observe(ids)
-        if out.logits is not None and out.logits.shape[1] == t:
+        if self.policy.needs_features:
+            if out.logits is None or out.logits.shape[1] != t or out.attn_var is None:
+                raise RuntimeError("a feature-driven policy got a chunk forwarded without all logits and attention stats")
             entropy, confidence = next_token_stats(out.logits[0])
-        else:
-            entropy = confidence = torch.zeros(t)
-        attn_var = out.attn_var[0] if out.attn_var is not None else torch.zeros(t)
+            attn_var = out.attn_var[0]
+        else:  # static / positional policies read no features: skip the vocabulary-wide softmax
+            entropy = confidence = attn_var = torch.zeros(t)
         positions = torch.arange(self.seq_len, self.seq_len + t)
         return TokenFeatures(entropy, rarity, attn_var, confidence, ids, positions)
 
@@ -87,8 +89,6 @@ class Session:
         """Prefill ids [T] in chunks, committing each; returns the logits asked for ("all": [T, V], "last": [V])."""
         ids = ids.reshape(-1)
         if self.seq_len + ids.numel() > self.config.max_seq_len:
-            from .cache import ContextOverflowError
-
             raise ContextOverflowError(
                 f"{ids.numel()} tokens on top of {self.seq_len} exceed max_seq_len={self.config.max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"

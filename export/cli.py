@@ -95,6 +95,8 @@ def eval_cmd(model, policy_names, controller, task, data, limit, context, chunk_
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
 def generate(model, policy, controller, prompt, max_new_tokens, temperature, max_seq_len, chat):
     """Generate text with the packed cache (PyTorch), streaming, then cache statistics."""
+    import torch
+
     from adaptive_kv.session import Session, SessionConfig
 
     (pol,) = _policies((policy,), controller)
@@ -108,7 +110,7 @@ def generate(model, policy, controller, prompt, max_new_tokens, temperature, max
     eos = tuple(i for i in (tok.eos_token_id,) if i is not None)
     t0 = time.perf_counter()
     out, t_first = [], None
-    for tok_id in session.generate(__import__("torch").tensor(ids), max_new_tokens, temperature, eos):
+    for tok_id in session.generate(torch.tensor(ids), max_new_tokens, temperature, eos):
         t_first = t_first or time.perf_counter()
         out.append(tok_id)
         click.echo(tok.decode(out[-1:]), nl=False)

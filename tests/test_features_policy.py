@@ -104,3 +104,39 @@ def test_rule_policy_reads_features_in_the_session(tiny_decoder):
     s.feed(torch.arange(10))  # every entropy is in (0, 100): 8 bits, until the 8-bit pool is full
     assert set(s.cache.stored_bits().tolist()) <= {8, 4, 16}
     assert s.cache.stored_bits().tolist()[:6] == [8] * 6  # 8-bit pool: 10% of 64 = 6 slots
+
+
+class _Recorder:
+    """A policy that records the features it is shown (and stores everything at 8 bits)."""
+
+    name, needs_features = "recorder", True
+
+    def __init__(self):
+        self.seen = []
+
+    def layout(self, max_seq_len):
+        return StaticPolicy(8).layout(max_seq_len)
+
+    def choose(self, features):
+        self.seen.append(features)
+        return torch.full_like(features.token_ids, 8)
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_policies_see_the_true_features_of_every_chunk(tiny_model, tiny_decoder, chunk):
+    ids = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(0))
+    rec = _Recorder()
+    s = Session(tiny_decoder, rec, SessionConfig(max_seq_len=64, chunk_size=chunk))
+    s.feed(ids, logits="last")  # the caller wants only the last logits; features still need all
+    seen = rec.seen
+    entropy = torch.cat([f.entropy for f in seen])
+    # the first chunk sees no quantized keys, so its entropies equal the full-precision model's
+    with torch.no_grad():
+        h_ref, c_ref = next_token_stats(tiny_model(ids[None, :chunk]).logits[0])
+    assert torch.allclose(entropy[:chunk], h_ref, atol=1e-4)
+    assert torch.allclose(torch.cat([f.confidence for f in seen])[:chunk], c_ref, atol=1e-5)
+    attn_var = torch.cat([f.attn_var for f in seen])
+    assert (entropy > 0).all() and (attn_var[1:] > 0).all()
+    assert attn_var[0].abs() < 1e-6  # one key: a one-point distribution has no variance
+    assert torch.cat([f.positions for f in seen]).tolist() == list(range(16))
+    assert torch.cat([f.rarity for f in seen]).tolist() == pytest.approx(brute_rarity(ids.tolist()))
