@@ -105,8 +105,7 @@ def piqa_labels_path(path: Path) -> Path:
 def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise DataError(
-            f"{what} file not found: {path}; {_FIX} to the folder that holds it "
-            f"(expected layout: see shared/data/README.md)"
+            f"{what} file not found: {path}; {_FIX} (the data folder, laid out as in shared/data/README.md)"
         )
 
 
@@ -281,6 +280,7 @@ def load_multiple_choice(task: str, path: Path | None = None, limit: int | None 
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
         raise DataError(f"limit must be a positive integer, got {limit!r}; omit it (None) to load every item")
     path = Path(path) if path is not None else default_path(task)
+    _require_file(path, f"{task} data")  # before the PIQA labels, which are counted against it
     records = _read_jsonl(path, task)
     labels = _read_piqa_labels(piqa_labels_path(path), path) if task == "piqa" else None
     items: list[MultipleChoiceItem] = []

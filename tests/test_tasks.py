@@ -319,6 +319,10 @@ def test_piqa_bad_or_missing_labels(tmp_path: Path) -> None:
     path = _piqa_files(tmp_path, 2, "1\n2\n")
     with pytest.raises(DataError, match=r"valid-labels\.lst:2: piqa label '2'"):
         load_multiple_choice("piqa", path)
+    path.rename(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match=r"piqa data file not found: .*valid\.jsonl"):
+        load_multiple_choice("piqa", path)
+    (tmp_path / "gone.jsonl").rename(path)
     (tmp_path / "valid-labels.lst").unlink()
     with pytest.raises(DataError, match=r"piqa labels file not found: .*valid-labels\.lst.*KVEXPORT_DATA_DIR"):
         load_multiple_choice("piqa", path)

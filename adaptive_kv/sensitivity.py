@@ -1,0 +1,115 @@
+"""How much storing one token's K/V at b bits damages the model's later outputs.
+
+``first_order_damage`` estimates it for every token and width from one full-precision pass:
+quantizing token t perturbs, in every layer and head, the attention output of each later query
+i (> t; a token sees itself at full precision in its own step) by, to first order,
+
+    d o_i = p_it * ( dv_t + c_it * (v_t - o_i) ),   c_it = scale * q_i . dk_t
+
+(the value error weighted by the attention weight, plus the softmax response to the score
+error). The damage is the sum over layers, heads and later queries of |d o_i|^2, computed in
+closed form from [H, T, T] matrices. ``exact_damage`` is the ground truth it approximates: the
+summed KL divergence of the later next-token distributions when only token t is stored at b
+bits (one forward per (t, b), so only for validation on samples).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .formats import fake_quantize
+from .hadamard import rotate
+
+
+def stored(x: torch.Tensor, bits: int, hadamard: bool, group_size: int = 64) -> torch.Tensor:
+    """x as the cache gives it back at ``bits`` (in the model basis)."""
+    if hadamard:
+        return rotate(fake_quantize(rotate(x), bits, group_size))
+    return fake_quantize(x, bits, group_size)
+
+
+@torch.no_grad()
+def first_order_damage(
+    model: LlamaForCausalLM, ids: torch.Tensor, bits: tuple[int, ...] = (2, 4, 8, 16), hadamard: bool = True, group_size: int = 64
+) -> torch.Tensor:
+    """ids: [T] -> damage [T, len(bits)] (sum over layers, heads and later queries of |d o|^2)."""
+    m, cfg = model.model, model.config
+    t = ids.numel()
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    g, scale = hq // hkv, d**-0.5
+    h = m.embed_tokens(ids[None])
+    cos, sin = m.rotary_emb(h, torch.arange(t)[None])
+    later = torch.ones(t, t, dtype=torch.bool).tril(-1)  # [i, t]: query i is after key t
+    damage = torch.zeros(t, len(bits), dtype=torch.float64)
+    for layer in m.layers:
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = a.q_proj(x).view(1, t, hq, d).transpose(1, 2)
+        k = a.k_proj(x).view(1, t, hkv, d).transpose(1, 2)
+        v = a.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = q[0], k[0], v[0]  # [Hq|Hkv, T, D]
+        kx, vx = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)  # [Hq, T, D]
+        s = (q @ kx.transpose(-1, -2)) * scale
+        p = torch.softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")), -1)  # [Hq, i, t]
+        o = p @ vx  # [Hq, T, D]
+        p2 = (p * p) * later  # only later queries feel token t's stored error
+        vv = (vx * vx).sum(-1)  # [Hq, T(t)]
+        ov = o @ vx.transpose(-1, -2)  # [Hq, i, t] o_i . v_t
+        oo = (o * o).sum(-1)  # [Hq, T(i)]
+        for j, b in enumerate(bits):
+            dk = (stored(k, b, hadamard, group_size) - k).repeat_interleave(g, 0)
+            dv = (stored(v, b, hadamard, group_size) - v).repeat_interleave(g, 0)
+            c = (q @ dk.transpose(-1, -2)) * scale  # [Hq, i, t]
+            dvdv = (dv * dv).sum(-1)[:, None, :]  # [Hq, 1, t]
+            dvv = (dv * vx).sum(-1)[:, None, :]
+            dvo = o @ dv.transpose(-1, -2)  # [Hq, i, t]
+            diff2 = vv[:, None, :] - 2 * ov + oo[:, :, None]  # |v_t - o_i|^2
+            per = p2 * (dvdv + 2 * c * (dvv - dvo) + c * c * diff2)
+            damage[:, j] += per.sum((0, 1)).double()
+        h = h + a.o_proj((p @ vx).transpose(0, 1).reshape(1, t, hq * d))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return damage
+
+
+@torch.no_grad()
+def exact_damage(model: LlamaForCausalLM, ids: torch.Tensor, token: int, bits: int, hadamard: bool = True, group_size: int = 64) -> float:
+    """Sum over positions after ``token`` of KL(p_full || p_quantized) when only ``token``'s K/V
+    (all layers) is stored at ``bits`` and every other token stays at full precision."""
+    m, cfg = model.model, model.config
+    t = ids.numel()
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    g, scale = hq // hkv, d**-0.5
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def run(perturb: bool) -> torch.Tensor:
+        h = m.embed_tokens(ids[None])
+        cos, sin = m.rotary_emb(h, torch.arange(t)[None])
+        for layer in m.layers:
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(1, t, hq, d).transpose(1, 2)
+            k = a.k_proj(x).view(1, t, hkv, d).transpose(1, 2)
+            v = a.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = q[0], k[0].repeat_interleave(g, 0), v[0].repeat_interleave(g, 0)
+            s = (q @ k.transpose(-1, -2)) * scale
+            if perturb:  # later queries see token's stored K/V; the token itself sees its own exactly
+                kq = stored(k[:, token], bits, hadamard, group_size)
+                vq = stored(v[:, token], bits, hadamard, group_size)
+                s_later = (q @ kq[:, :, None])[..., 0] * scale  # [Hq, i]
+                s[:, token + 1 :, token] = s_later[:, token + 1 :]
+            p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+            o = p @ v
+            if perturb:
+                o[:, token + 1 :] += p[:, token + 1 :, token, None] * (vq - v[:, token])[:, None, :]
+            h = h + a.o_proj(o.transpose(0, 1).reshape(1, t, hq * d))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return model.lm_head(m.norm(h))[0].float().log_softmax(-1)
+
+    ref, pert = run(False), run(True)
+    return float((ref.exp() * (ref - pert)).sum(-1)[token + 1 :].sum())
