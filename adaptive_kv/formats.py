@@ -1,7 +1,8 @@
 """Storage formats of one KV row: asymmetric uniform group quantization, bit-packed into uint8.
 
 A "row" is one (token, KV head) vector of ``head_dim`` values. It is split into groups of
-``group_size`` values; each group has an fp16 ``scale`` and fp16 ``zero`` (the group minimum):
+``group_size`` values; each group has an fp16 ``scale`` and fp16 ``zero`` (the low end of its
+range, the group minimum unless the encoder's clipping search shrank the range):
 
     code = clamp(round((x - zero) / scale), 0, 2**bits - 1),    x_hat = code * scale + zero
 
@@ -91,16 +92,28 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return lanes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
-def quantize_rows(x: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Candidate shrink factors of each group's [min, max] range (about its midpoint). The encoder
+# keeps, per group, the one with the least squared error: clipping a few outliers buys finer
+# steps for the rest (-8% MSE at 4 bits, -42% at 2 bits on SmolLM2's rotated K/V). Only the
+# encoder searches; the stored format and the dequantizer are unchanged.
+CLIP_RATIOS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+def quantize_rows(
+    x: torch.Tensor, fmt: RowFormat, clip_search: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [..., head_dim] float -> (codes uint8 [..., code_bytes], scale fp16 [..., groups], zero fp16 [..., groups])."""
     if not fmt.packed:
         raise ValueError("16-bit rows are stored as fp16, not quantized")
     if x.shape[-1] != fmt.head_dim:
         raise ValueError(f"rows have {x.shape[-1]} values, format expects head_dim={fmt.head_dim}")
     lead = x.shape[:-1]
-    g = x.float().reshape(*lead, fmt.groups, fmt.group_size)
-    lo = g.amin(dim=-1)
-    hi = g.amax(dim=-1)
+    g = x.float().reshape(*lead, fmt.groups, 1, fmt.group_size)  # [..., G, 1, gs]
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # [..., G, 1]
+    ratios = torch.tensor(CLIP_RATIOS if clip_search else (1.0,), device=x.device)
+    mid = (lo + hi) / 2
+    lo = mid - (mid - lo) * ratios  # [..., G, R]
+    hi = mid + (hi - mid) * ratios
     levels = (1 << fmt.bits) - 1
     # Quantize against the fp16-rounded scale/zero that dequantization will use, so the
     # error bound holds for what is stored, not for an fp32 ideal.
@@ -108,7 +121,13 @@ def quantize_rows(x: torch.Tensor, fmt: RowFormat) -> tuple[torch.Tensor, torch.
     span = hi - zero.float()
     scale = torch.where(span > 0, span / levels, torch.ones_like(span)).to(torch.float16)
     scale = torch.where(scale.float() > 0, scale, torch.full_like(scale, 2.0**-24))  # fp16 underflow guard
-    codes = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)
+    codes = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]).clamp_(0, levels)  # [..., G, R, gs]
+    if len(ratios) > 1:
+        err = (codes * scale.float()[..., None] + zero.float()[..., None] - g).square().sum(-1)  # [..., G, R]
+        best = err.argmin(-1, keepdim=True)  # [..., G, 1]
+        codes = codes.gather(-2, best[..., None].expand(*best.shape, fmt.group_size))
+        scale, zero = scale.gather(-1, best), zero.gather(-1, best)
+    codes, scale, zero = codes[..., 0, :], scale[..., 0], zero[..., 0]
     packed = pack_codes(codes.to(torch.uint8), fmt.bits)  # [..., groups, group_size*bits/8]
     return packed.reshape(*lead, fmt.code_bytes), scale, zero
 
@@ -124,9 +143,9 @@ def dequantize_rows(
     return x.reshape(*lead, fmt.head_dim)
 
 
-def fake_quantize(x: torch.Tensor, bits: int, group_size: int = 64) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, group_size: int = 64, clip_search: bool = True) -> torch.Tensor:
     """Round trip through the storage format at ``bits`` (16 = fp16), in x's dtype."""
     if bits == 16:
         return x.to(torch.float16).to(x.dtype)
     fmt = RowFormat(bits, x.shape[-1], group_size)
-    return dequantize_rows(*quantize_rows(x, fmt), fmt, dtype=x.dtype)
+    return dequantize_rows(*quantize_rows(x, fmt, clip_search), fmt, dtype=x.dtype)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_kv.formats import RowFormat, dequantize_rows, fake_quantize, pack_codes, quantize_rows, unpack_codes
+from adaptive_kv.formats import CLIP_RATIOS, RowFormat, dequantize_rows, fake_quantize, pack_codes, quantize_rows, unpack_codes
 from adaptive_kv.hadamard import hadamard_matrix, rotate
 
 
@@ -37,12 +37,29 @@ def test_quantization_error_is_bounded_by_half_a_step(bits, group, scale, offset
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 2, 64, generator=g) * scale + offset
     fmt = RowFormat(bits, 64, group)
-    codes, s, z = quantize_rows(x, fmt)
+    codes, s, z = quantize_rows(x, fmt, clip_search=False)
     assert codes.shape == (3, 2, 64 * bits // 8) and s.dtype == z.dtype == torch.float16
     err = (dequantize_rows(codes, s, z, fmt) - x).abs().reshape(3, 2, 64 // group, group)
     # half a quantization step, plus fp16 rounding of the stored zero / scale
     bound = s.float()[..., None] / 2 + 2.0**-10 * x.abs().reshape(err.shape).amax(-1, keepdim=True) + 1e-6
     assert (err <= bound).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**31), heavy=st.booleans())
+def test_clipping_search_never_loses_to_min_max_and_bounds_the_error(bits, seed, heavy):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 64, generator=g)
+    if heavy:  # heavy tails, where clipping pays most
+        x = x * torch.rand(16, 64, generator=g).pow(-0.5)
+    fmt = RowFormat(bits, 64)
+    plain = (dequantize_rows(*quantize_rows(x, fmt, clip_search=False), fmt) - x).square().sum(-1)
+    searched = dequantize_rows(*quantize_rows(x, fmt), fmt)
+    assert ((searched - x).square().sum(-1) <= plain * (1 + 1e-3) + 1e-6).all()  # per group (= row here)
+    span = x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)
+    step = span / (2**bits - 1)
+    # a clipped value is off by at most the part of the range cut away, plus half a step
+    assert ((searched - x).abs() <= (1 - min(CLIP_RATIOS)) / 2 * span + step / 2 + 1e-3 * span).all()
 
 
 def test_constant_rows_are_exact():
