@@ -35,7 +35,11 @@ def test_fp16_policy_matches_hf_on_smollm2(smol):
         ref = model(ids[None]).logits[0]
         hf = model.generate(ids[None], max_new_tokens=8, do_sample=False)[0, ids.numel() :].tolist()
     s = Session(dec, make_policy("fp16"), SessionConfig(max_seq_len=128, chunk_size=4))
-    assert (s.feed(ids, logits="all") - ref).abs().max() <= 1e-3
+    diff = (s.feed(ids, logits="all") - ref).abs().amax(-1)
+    # The first chunk reads nothing from the cache: the decoder itself matches HF to fp32 noise.
+    assert diff[:4].max() <= 1e-3
+    # Later chunks read K/V stored as fp16 (relative rounding 2^-11): logits move by a few 1e-3.
+    assert diff.max() <= 1e-2
     s.reset()
     out = list(s.generate(ids, 8))
     assert out == hf and tok.decode(out).startswith(" Paris")
