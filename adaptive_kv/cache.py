@@ -90,6 +90,24 @@ class CacheLayout:
         return cls(max_seq_len, tuple(sorted(caps.items())))
 
     @classmethod
+    def from_budget(cls, max_seq_len: int, budget_bits: float, fractions: dict[int, float], cost: dict[int, float]) -> CacheLayout:
+        """Capacities whose bytes match ``budget_bits`` per value (``cost``: bits per value of each
+        width, scales included), keeping the shape of the preferred mix ``fractions``: the mix is
+        blended with all-cheapest (budget below its average) or all-dearest (above) until its
+        average cost equals the budget."""
+        widths = sorted(cost)
+        lo_b, hi_b = widths[0], widths[-1]
+        if not cost[lo_b] <= budget_bits <= cost[hi_b]:
+            raise CacheError(f"a KV budget of {budget_bits} bits/value is outside [{cost[lo_b]}, {cost[hi_b]}], what {widths} bits can store")
+        total = sum(fractions.values())
+        mix = {b: fractions.get(b, 0.0) / total for b in widths}
+        avg = sum(mix[b] * cost[b] for b in widths)
+        end = lo_b if budget_bits < avg else hi_b
+        lam = 1.0 if avg == cost[end] else (budget_bits - cost[end]) / (avg - cost[end])  # weight of the mix
+        blended = {b: lam * mix[b] + (1 - lam) * (b == end) for b in widths}
+        return cls.from_fractions(max_seq_len, {b: f for b, f in blended.items() if f > 0})
+
+    @classmethod
     def sink_recent(cls, max_seq_len: int, sinks: int, window: int, bits: int = 4) -> CacheLayout:
         """First ``sinks`` tokens and the last ``window`` at fp16, the rest demoted to ``bits``."""
         hot = min(sinks + window, max_seq_len)

@@ -53,6 +53,7 @@ class RulePolicy:
 
     thresholds: tuple[float, float, float] = (2.6811, 4.8977, 5.8368)
     fractions: tuple[float, float, float, float] = (0.45, 0.40, 0.10, 0.05)
+    budget_bits: float | None = None  # KV memory budget (bits/value); None = the fractions as they are
     name = "rule"
     needs_features = True
 
@@ -61,7 +62,7 @@ class RulePolicy:
             raise PolicyError(f"rule thresholds {self.thresholds} must be increasing")
 
     def layout(self, max_seq_len: int) -> CacheLayout:
-        return CacheLayout.from_fractions(max_seq_len, dict(zip((2, 4, 8, 16), self.fractions)))
+        return mixed_layout(max_seq_len, dict(zip((2, 4, 8, 16), self.fractions)), self.budget_bits)
 
     def choose(self, features: TokenFeatures) -> torch.Tensor:
         widths = torch.tensor([2, 4, 8, 16])
@@ -91,6 +92,7 @@ class LearnedPolicy:
     """A trained controller picks each token's class; pools sized by its expected class mix."""
 
     controller: PrecisionController
+    budget_bits: float | None = None  # None = the budget the controller was trained for
     name = "learned"
     needs_features = True
 
@@ -98,7 +100,8 @@ class LearnedPolicy:
         meta = self.controller.meta
         if not meta.class_fractions:
             raise PolicyError("the controller file has no class_fractions to size the cache pools")
-        return CacheLayout.from_fractions(max_seq_len, dict(zip(meta.class_bits, meta.class_fractions)))
+        budget = self.budget_bits if self.budget_bits is not None else meta.budget_bits
+        return mixed_layout(max_seq_len, dict(zip(meta.class_bits, meta.class_fractions)), budget)
 
     def choose(self, features: TokenFeatures) -> torch.Tensor:
         with torch.no_grad():
@@ -108,20 +111,31 @@ class LearnedPolicy:
 Policy = StaticPolicy | RulePolicy | SinkRecentPolicy | LearnedPolicy
 
 
-def make_policy(name: str, controller: str | None = None, model_id: str | None = None) -> Policy:
-    """Build a policy by CLI name; ``learned`` needs a controller file."""
+def mixed_layout(max_seq_len: int, fractions: dict[int, float], budget_bits: float | None) -> CacheLayout:
+    """Pools for a mixed policy: its class mix as is, or reshaped to spend ``budget_bits``."""
+    if budget_bits is None:
+        return CacheLayout.from_fractions(max_seq_len, fractions)
+    cost = {b: nominal_bits_per_value(b) for b in (2, 4, 8, 16)}
+    return CacheLayout.from_budget(max_seq_len, budget_bits, fractions, cost)
+
+
+def make_policy(name: str, controller: str | None = None, model_id: str | None = None, budget_bits: float | None = None) -> Policy:
+    """Build a policy by CLI name; ``learned`` needs a controller file; ``budget_bits`` sizes the
+    pools of the mixed policies (rule, learned) to that many storage bits per value."""
+    if budget_bits is not None and name not in ("rule", "learned"):
+        raise PolicyError(f"--kv-budget-bits applies to the mixed policies (rule, learned), not '{name}', whose memory is fixed by its widths")
     if name == "fp16":
         return StaticPolicy(16)
     if name.startswith("static-") and name[7:] in ("2", "4", "8"):
         return StaticPolicy(int(name[7:]))
     if name == "rule":
-        return RulePolicy()
+        return RulePolicy(budget_bits=budget_bits)
     if name == "sink-recent":
         return SinkRecentPolicy()
     if name == "learned":
         if controller is None:
             raise PolicyError("policy 'learned' needs a controller file: pass --controller PATH (train one with `kvexport train-controller`)")
-        return LearnedPolicy(PrecisionController.load(controller, model_id=model_id))
+        return LearnedPolicy(PrecisionController.load(controller, model_id=model_id), budget_bits=budget_bits)
     raise PolicyError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
 
 

@@ -25,11 +25,11 @@ def _load(model: str | None):
     return PackedLlama(hf), tok
 
 
-def _policies(names: tuple[str, ...], controller: str | None):
+def _policies(names: tuple[str, ...], controller: str | None, budget: float | None = None):
     from adaptive_kv.policy import make_policy
 
     flat = [n.strip() for name in names for n in name.split(",") if n.strip()]
-    return [make_policy(n, controller=controller) for n in flat]
+    return [make_policy(n, controller=controller, budget_bits=budget) for n in flat]
 
 
 class _Errors(click.Group):
@@ -54,6 +54,7 @@ def main() -> None:
 @click.option("--policy", "policy_names", multiple=True, default=("fp16",), show_default=True,
               help=f"One of {', '.join(POLICY_NAMES)}; repeat or comma-separate to compare several on the same items.")
 @click.option("--controller", default=None, type=click.Path(), help="Controller file for --policy learned.")
+@click.option("--kv-budget-bits", "budget", default=None, type=float, help="KV memory budget in bits/value (scales included) for rule / learned.")
 @click.option("--task", required=True, help="hellaswag, arc_easy, arc_challenge, openbookqa, piqa, wikitext2 or passkey.")
 @click.option("--data", default=None, type=click.Path(path_type=Path), help="Data file (default: ../shared/data/...).")
 @click.option("--limit", default=None, type=int, help="Cap on items (questions, perplexity windows, passkey trials).")
@@ -63,12 +64,12 @@ def main() -> None:
 @click.option("--group-size", default=64, show_default=True, help="Values per quantization group (scale + zero each).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_cmd(model, policy_names, controller, task, data, limit, context, chunk_size, hadamard, group_size, seed, as_json):
+def eval_cmd(model, policy_names, controller, budget, task, data, limit, context, chunk_size, hadamard, group_size, seed, as_json):
     """Accuracy / perplexity of policies on a task, through the packed cache."""
     from adaptive_kv.evaluate import EvalConfig, Evaluator
 
     cfg = EvalConfig(task=task, data=data, limit=limit, context=context, chunk_size=chunk_size, hadamard=hadamard, group_size=group_size, seed=seed)
-    policies = _policies(policy_names, controller)
+    policies = _policies(policy_names, controller, budget)
     decoder, tok = _load(model)
     results = [r.to_dict() for r in Evaluator(decoder, tok, policies, cfg, progress=not as_json).run()]
     if as_json:
@@ -88,18 +89,19 @@ def eval_cmd(model, policy_names, controller, task, data, limit, context, chunk_
 @click.option("--model", default=None, help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
 @click.option("--policy", default="static-4", show_default=True, help=f"One of {', '.join(POLICY_NAMES)}.")
 @click.option("--controller", default=None, type=click.Path())
+@click.option("--kv-budget-bits", "budget", default=None, type=float, help="KV memory budget in bits/value for rule / learned.")
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True)
 @click.option("--max-seq-len", default=2048, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
-def generate(model, policy, controller, prompt, max_new_tokens, temperature, max_seq_len, chat):
+def generate(model, policy, controller, budget, prompt, max_new_tokens, temperature, max_seq_len, chat):
     """Generate text with the packed cache (PyTorch), streaming, then cache statistics."""
     import torch
 
     from adaptive_kv.session import Session, SessionConfig
 
-    (pol,) = _policies((policy,), controller)
+    (pol,) = _policies((policy,), controller, budget)
     decoder, tok = _load(model)
     session = Session(decoder, pol, SessionConfig(max_seq_len=max_seq_len))
     if chat and getattr(tok, "chat_template", None):

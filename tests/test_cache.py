@@ -162,3 +162,20 @@ def test_stored_bytes_do_not_depend_on_chunking():
     for c in caches[1:]:
         for (n, a), (_, b) in zip(caches[0].named_buffers(), c.named_buffers()):
             assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.0, 4.58, 6.0, 16.0])
+def test_layout_from_a_memory_budget_spends_that_budget(budget):
+    cost = {b: RowFormat(b, 64).bits_per_value for b in (2, 4, 8, 16)}
+    L = 4096
+    lay = CacheLayout.from_budget(L, budget, {2: 0.45, 4: 0.4, 8: 0.1, 16: 0.05}, cost)
+    cache = PackedKVCache(CacheConfig(**SMOL, layout=lay))
+    promised = L * 11520 * budget / 8
+    assert abs(cache.nbytes() - promised) <= 0.01 * promised
+    assert sum(c for _, c in lay.capacities) == L
+
+
+def test_budget_outside_what_the_widths_can_store():
+    cost = {b: RowFormat(b, 64).bits_per_value for b in (2, 4, 8, 16)}
+    with pytest.raises(CacheError, match="outside"):
+        CacheLayout.from_budget(100, 2.0, {4: 1.0}, cost)

@@ -63,7 +63,8 @@ def test_policy_layouts_promise_their_memory():
 
 
 def _controller(bits_out: int, model="tiny"):
-    meta = ControllerMeta(class_fractions=(0.25, 0.25, 0.25, 0.25), model=model, extra={"note": "test"})
+    # budget = the average of its uniform class mix (7.875 bits), so the pools keep that mix
+    meta = ControllerMeta(class_fractions=(0.25, 0.25, 0.25, 0.25), budget_bits=7.875, model=model, extra={"note": "test"})
     c = PrecisionController(meta)
     with torch.no_grad():  # constant output: always the class of `bits_out`
         c.mlp[-1].weight.zero_()
@@ -140,3 +141,11 @@ def test_policies_see_the_true_features_of_every_chunk(tiny_model, tiny_decoder,
     assert attn_var[0].abs() < 1e-6  # one key: a one-point distribution has no variance
     assert torch.cat([f.positions for f in seen]).tolist() == list(range(16))
     assert torch.cat([f.rarity for f in seen]).tolist() == pytest.approx(brute_rarity(ids.tolist()))
+
+
+def test_budget_option_sizes_mixed_policies_only():
+    lay = make_policy("rule", budget_bits=3.0).layout(1000)
+    avg = sum(c * {2: 2.5, 4: 4.5, 8: 8.5, 16: 16.0}[b] for b, c in lay.capacities) / 1000
+    assert avg == pytest.approx(3.0, abs=0.02)
+    with pytest.raises(PolicyError, match="applies to the mixed policies"):
+        make_policy("static-4", budget_bits=3.0)
