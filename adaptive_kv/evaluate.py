@@ -33,7 +33,7 @@ from .cache import ContextOverflowError
 from .decoder import ChunkOutput, PackedLlama
 from .policy import Policy
 from .session import Session, SessionConfig
-from .tasks import ALL_TASKS, MC_TASKS, DataError, MultipleChoiceItem, load_multiple_choice, load_text, passkey_trials
+from .tasks import ALL_TASKS, MC_TASKS, TARGET_DELIMITER, DataError, MultipleChoiceItem, load_multiple_choice, load_text, passkey_trials
 
 
 PASSKEY_GEN_ROOM = 8
@@ -176,7 +176,8 @@ class Evaluator:
             if ctx.numel() == 0:
                 raise DataError(f"empty context in a {self.config.task} item: {item}")
             conts = [p[1] for p in pairs]
-            chars = torch.tensor([float(len(c)) for c in item.continuations])
+            # lm-eval normalizes by the choice's length without the target delimiter
+            chars = torch.tensor([float(len(c) - len(TARGET_DELIMITER)) for c in item.continuations])
             for i, s, last in self._prefill_all(ctx, "last"):
                 t0 = time.perf_counter()
                 ll = self._score_continuations(s, last, conts)
