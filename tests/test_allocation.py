@@ -11,12 +11,10 @@ COSTS = np.array([2.5, 4.5, 8.5, 16.0])
 
 
 def brute_force(damage, costs, budget):
-    best, arg = np.inf, None
+    best = np.inf
     for combo in itertools.product(range(len(costs)), repeat=damage.shape[0]):
         if costs[list(combo)].mean() <= budget + 1e-9:
-            d = damage[np.arange(len(combo)), combo].sum()
-            if d < best:
-                best, arg = d, combo
+            best = min(best, damage[np.arange(len(combo)), combo].sum())
     return best
 
 

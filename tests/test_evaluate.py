@@ -2,14 +2,12 @@ import json
 import math
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from adaptive_kv.decoder import PackedLlama
 from adaptive_kv.evaluate import EvalConfig, Evaluator, encode_pair
 from adaptive_kv.model import load_model
 from adaptive_kv.policy import make_policy
-from adaptive_kv.tasks import DataError
 from export.cli import main
 
 

@@ -7,7 +7,6 @@ import torch
 from click.testing import CliRunner
 
 from adaptive_kv.decoder import PackedLlama
-from adaptive_kv.evaluate import EvalConfig, Evaluator
 from adaptive_kv.policy import make_policy
 from adaptive_kv.session import Session, SessionConfig
 

