@@ -30,28 +30,44 @@ def stored(x: torch.Tensor, bits: int, hadamard: bool, group_size: int = 64) -> 
     return fake_quantize(x, bits, group_size)
 
 
+def _dims(model: LlamaForCausalLM) -> tuple[int, int, int, float]:
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    return hq, hkv, d, d**-0.5
+
+
+def _qkv(layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int, d: int):
+    """One layer's post-RoPE q [Hq, T, D] and k, v [Hkv, T, D] for a batch-1 hidden state h [1, T, hidden]."""
+    a, t = layer.self_attn, h.shape[1]
+    x = layer.input_layernorm(h)
+    q = a.q_proj(x).view(1, t, hq, d).transpose(1, 2)
+    k = a.k_proj(x).view(1, t, hkv, d).transpose(1, 2)
+    v = a.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q[0], k[0], v[0]
+
+
+def _finish_layer(layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Residual updates after attention: o [Hq, T, D] -> next hidden state [1, T, hidden]."""
+    h = h + layer.self_attn.o_proj(o.transpose(0, 1).reshape(1, o.shape[1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 @torch.no_grad()
 def first_order_damage(
     model: LlamaForCausalLM, ids: torch.Tensor, bits: tuple[int, ...] = (2, 4, 8, 16), hadamard: bool = True, group_size: int = 64
 ) -> torch.Tensor:
     """ids: [T] -> damage [T, len(bits)] (sum over layers, heads and later queries of |d o|^2)."""
-    m, cfg = model.model, model.config
-    t = ids.numel()
-    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
-    g, scale = hq // hkv, d**-0.5
+    m, t = model.model, ids.numel()
+    hq, hkv, d, scale = _dims(model)
+    g = hq // hkv
     h = m.embed_tokens(ids[None])
     cos, sin = m.rotary_emb(h, torch.arange(t)[None])
     later = torch.ones(t, t, dtype=torch.bool).tril(-1)  # [i, t]: query i is after key t
     damage = torch.zeros(t, len(bits), dtype=torch.float64)
     for layer in m.layers:
-        a = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = a.q_proj(x).view(1, t, hq, d).transpose(1, 2)
-        k = a.k_proj(x).view(1, t, hkv, d).transpose(1, 2)
-        v = a.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        q, k, v = q[0], k[0], v[0]  # [Hq|Hkv, T, D]
+        q, k, v = _qkv(layer, h, cos, sin, hq, hkv, d)  # [Hq|Hkv, T, D]
         kx, vx = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)  # [Hq, T, D]
         s = (q @ kx.transpose(-1, -2)) * scale
         p = torch.softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")), -1)  # [Hq, i, t]
@@ -70,8 +86,7 @@ def first_order_damage(
             diff2 = vv[:, None, :] - 2 * ov + oo[:, :, None]  # |v_t - o_i|^2
             per = p2 * (dvdv + 2 * c * (dvv - dvo) + c * c * diff2)
             damage[:, j] += per.sum((0, 1)).double()
-        h = h + a.o_proj((p @ vx).transpose(0, 1).reshape(1, t, hq * d))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = _finish_layer(layer, h, o)
     return damage
 
 
@@ -79,24 +94,17 @@ def first_order_damage(
 def exact_damage(model: LlamaForCausalLM, ids: torch.Tensor, token: int, bits: int, hadamard: bool = True, group_size: int = 64) -> float:
     """Sum over positions after ``token`` of KL(p_full || p_quantized) when only ``token``'s K/V
     (all layers) is stored at ``bits`` and every other token stays at full precision."""
-    m, cfg = model.model, model.config
-    t = ids.numel()
-    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
-    g, scale = hq // hkv, d**-0.5
+    m, t = model.model, ids.numel()
+    hq, hkv, d, scale = _dims(model)
+    g = hq // hkv
     causal = torch.ones(t, t, dtype=torch.bool).tril()
 
     def run(perturb: bool) -> torch.Tensor:
         h = m.embed_tokens(ids[None])
         cos, sin = m.rotary_emb(h, torch.arange(t)[None])
         for layer in m.layers:
-            a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = a.q_proj(x).view(1, t, hq, d).transpose(1, 2)
-            k = a.k_proj(x).view(1, t, hkv, d).transpose(1, 2)
-            v = a.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            q, k, v = q[0], k[0].repeat_interleave(g, 0), v[0].repeat_interleave(g, 0)
+            q, k, v = _qkv(layer, h, cos, sin, hq, hkv, d)
+            k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
             s = (q @ k.transpose(-1, -2)) * scale
             if perturb:  # later queries see token's stored K/V; the token itself sees its own exactly
                 kq = stored(k[:, token], bits, hadamard, group_size)
@@ -107,8 +115,7 @@ def exact_damage(model: LlamaForCausalLM, ids: torch.Tensor, token: int, bits: i
             o = p @ v
             if perturb:
                 o[:, token + 1 :] += p[:, token + 1 :, token, None] * (vq - v[:, token])[:, None, :]
-            h = h + a.o_proj(o.transpose(0, 1).reshape(1, t, hq * d))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = _finish_layer(layer, h, o)
         return model.lm_head(m.norm(h))[0].float().log_softmax(-1)
 
     ref, pert = run(False), run(True)
