@@ -28,7 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not integration" tests
 
 demo: setup
-	$(VENV)/bin/kvexport generate --policy static-4 --prompt "The capital of France is" --max-new-tokens 24
+	$(VENV)/bin/kvexport generate --policy static-4 --prompt "Give me three tips for staying healthy." --max-new-tokens 48
 
 clean:
 	rm -rf $(VENV) build *.egg-info
