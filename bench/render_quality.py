@@ -73,6 +73,8 @@ def main(src: Path, out: Path) -> None:
         ax.set_title(t)
         ax.set_xlabel("avg bits / value")
         ax.set_ylabel("perplexity" if t == "wikitext2" else "accuracy %")
+        if t == "wikitext2":
+            ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
