@@ -149,6 +149,9 @@ class _Plan:
     placement: list[tuple[int, int]] = field(default_factory=list)  # per new token: (bits, slot)
     demotions: list[tuple[int, int, int]] = field(default_factory=list)  # (src_slot, dst_bits, dst_slot)
     via_ring: list[int] = field(default_factory=list)  # new tokens demoted within this same commit
+    lengths: dict[int, int] = field(default_factory=dict)  # pool fill levels after the commit
+    new_owners: dict[int, dict[int, int]] = field(default_factory=dict)  # bits -> {slot: position} written
+    ring_next: int = 0
 
 
 class PackedKVCache(nn.Module):
@@ -252,7 +255,7 @@ class PackedKVCache(nn.Module):
             placed[pos] = (b, slot)
             new[b][slot] = pos
         plan.placement = [placed[start + i] for i in range(len(want))]
-        self._pending = (lengths, new, ring)
+        plan.lengths, plan.new_owners, plan.ring_next = lengths, new, ring
         return plan
 
     def _write(self, bits: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -305,8 +308,8 @@ class PackedKVCache(nn.Module):
             sel = [i for i, (pb, _) in enumerate(plan.placement) if pb == b]
             slots = torch.tensor([plan.placement[i][1] for i in sel])
             self._write(b, slots, k[:, :, sel], v[:, :, sel])
-        self.lengths, new, self.ring_next = self._pending
-        for b, slots in new.items():
+        self.lengths, self.ring_next = plan.lengths, plan.ring_next
+        for b, slots in plan.new_owners.items():
             owners = self.slot_pos[b]
             for slot, pos in sorted(slots.items()):
                 if slot < len(owners):
