@@ -47,8 +47,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.features not in FEATURE_SETS:
             raise ValueError(f"unknown feature set '{self.features}'; choose one of {', '.join(FEATURE_SETS)}")
-        costs = [RowFormat(b, 64).bits_per_value for b in BIT_WIDTHS]
-        if not min(costs) <= self.budget_bits <= max(costs):
+        costs = class_costs()
+        if not costs.min() <= self.budget_bits <= costs.max():
             raise ValueError(f"--kv-budget-bits {self.budget_bits} is outside [{min(costs)}, {max(costs)}]")
 
 
