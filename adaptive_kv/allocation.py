@@ -13,6 +13,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+import torch
 
 
 class AllocationError(ValueError):
@@ -98,3 +99,21 @@ def lagrangian(damage: np.ndarray, costs: np.ndarray, budget: float, iters: int 
         t, c = np.unravel_index(np.argmax(ratio), ratio.shape)
         spent += extra[t, c]
         out[t] = c
+
+
+def price_to_fit(logp: torch.Tensor, costs: torch.Tensor, floor: float, allowance: float, iters: int = 40) -> float:
+    """Smallest price >= ``floor`` at which the tokens' choices argmax(logp - price * costs) [T]
+    cost at most ``allowance`` in total (bisection; the total is non-increasing in the price)."""
+
+    def total(price: float) -> float:
+        return float(costs[(logp - price * costs).argmax(-1)].sum())
+
+    if total(floor) <= allowance:
+        return floor
+    lo, hi = floor, floor + 1.0
+    while total(hi) > allowance and hi < 1e6:
+        lo, hi = hi, floor + 2 * (hi - floor)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) > allowance else (lo, mid)
+    return hi

@@ -202,12 +202,16 @@ class PackedKVCache(nn.Module):
         """[seq_len] int, the bit-width each committed position is stored at."""
         return self.token_bits[: self.seq_len].long()
 
+    def spent_bits(self) -> float:
+        """Storage bits per K/V value summed over committed tokens, scale overhead included."""
+        cost = torch.zeros(17, dtype=torch.float64)
+        for b in BIT_WIDTHS:
+            cost[b] = self.config.row_format(b).bits_per_value
+        return float(cost[self.stored_bits()].sum())
+
     def bits_per_value(self) -> float:
         """Average storage bits per K/V value over committed tokens, scale overhead included."""
-        if self.seq_len == 0:
-            return 0.0
-        cost = {b: self.config.row_format(b).bits_per_value for b in BIT_WIDTHS}
-        return sum(cost[int(b)] for b in self.stored_bits().tolist()) / self.seq_len
+        return self.spent_bits() / self.seq_len if self.seq_len else 0.0
 
     def used_bytes_by_bits(self) -> dict[int, int]:
         """Bytes of K/V currently holding tokens, per precision."""

@@ -32,6 +32,7 @@ class ControllerMeta:
     hidden: int = 128
     budget_bits: float = 4.0  # average storage bits per value (scales included) it was trained for
     class_fractions: tuple[float, ...] = ()  # expected share of each class: sizes the cache pools
+    price: float = 0.0  # nats per bit/value subtracted per class cost so the training text meets the budget
     model: str = ""  # identifier of the model it was trained for (name + dims)
     extra: dict = field(default_factory=dict)  # training data digest, command, losses ...
     version: int = FORMAT_VERSION
@@ -51,10 +52,21 @@ class PrecisionController(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp((features - self.feature_mean) / self.feature_std)
 
-    def choose_bits(self, features: torch.Tensor) -> torch.Tensor:
-        """[T, F] -> [T] bit-widths (argmax class)."""
+    def choose_bits(self, features: torch.Tensor, price: float | None = None) -> torch.Tensor:
+        """[T, F] -> [T] bit-widths: argmax over classes of log p_k - price * cost_k
+        (price None = the calibrated one in the file; 0 = the plain argmax)."""
         bits = torch.tensor(self.meta.class_bits, device=features.device)
-        return bits[self(features).argmax(-1)]
+        return bits[self.priced_scores(features, self.meta.price if price is None else price).argmax(-1)]
+
+    def class_costs(self) -> torch.Tensor:
+        """[C] storage bits per value of each class (scales included, group 64)."""
+        from .formats import RowFormat
+
+        return torch.tensor([RowFormat(b, 64, 64).bits_per_value for b in self.meta.class_bits])
+
+    def priced_scores(self, features: torch.Tensor, price: float) -> torch.Tensor:
+        """[T, F] -> [T, C] log p_k - price * cost_k."""
+        return self(features).log_softmax(-1) - price * self.class_costs().to(features.device)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -63,6 +75,7 @@ class PrecisionController(nn.Module):
         tmp = path.with_name(path.name + ".tmp")
         meta = asdict(self.meta)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata={"kvexport_controller": json.dumps(meta)})
+        tmp.chmod(0o644)
         tmp.replace(path)
 
     @classmethod

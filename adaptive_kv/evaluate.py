@@ -11,6 +11,10 @@ Protocol (also in README):
   tokens; each window is prefilled chunk by chunk through the cache (later chunks attend to
   the packed earlier ones) and every token after the first is scored. Perplexity =
   exp(total NLL / scored tokens).
+- oracle (an upper bound, not a deployable policy): before each item, its plan is the
+  budget-optimal allocation of the damage measured on the whole future text (MC: the context
+  followed by each choice, damage summed over choices; wikitext2: the window; passkey: the
+  prompt followed by the true answer).
 - passkey: synthetic retrieval prompts of ``context`` tokens, prefilled through the cache,
   then greedy decoding (each generated token committed like any other); correct when the
   first number generated equals the hidden key.
@@ -127,6 +131,24 @@ class Evaluator:
             for p, h in zip(policies, rot)
         ]
         self.any_features = any(p.needs_features for p in policies)
+        self.oracles = [i for i, p in enumerate(policies) if hasattr(p, "prepare")]
+
+    def _prepare_oracles(self, seqs: list[torch.Tensor], cached: int, tail: int = 0) -> None:
+        """Give the oracle policies the damage of the ``cached`` tokens, measured with the whole
+        future text ``seqs`` (each starts with the cached tokens); ``tail`` more tokens (generated
+        ones) get the cheapest width."""
+        if not self.oracles:
+            return
+        from .sensitivity import first_order_damage
+
+        damage: dict[bool, torch.Tensor] = {}
+        for i in self.oracles:
+            cfg = self.sessions[i].config
+            if cfg.hadamard not in damage:
+                damage[cfg.hadamard] = sum(
+                    first_order_damage(self.decoder.model, x, hadamard=cfg.hadamard, group_size=cfg.group_size)[:cached] for x in seqs
+                )
+            self.sessions[i].policy.prepare(damage[cfg.hadamard], tail=tail)
 
     def _shared_first_chunk(self, ids: torch.Tensor, logits: str) -> ChunkOutput:
         """Forward of a sequence's first chunk (empty cache: the same for every policy)."""
@@ -176,6 +198,7 @@ class Evaluator:
             if ctx.numel() == 0:
                 raise DataError(f"empty context in a {self.config.task} item: {item}")
             conts = [p[1] for p in pairs]
+            self._prepare_oracles([torch.tensor(p[0] + p[1]) for p in pairs], ctx.numel())
             # lm-eval normalizes by the choice's length without the target delimiter
             chars = torch.tensor([float(len(c) - len(TARGET_DELIMITER)) for c in item.continuations])
             for i, s, last in self._prefill_all(ctx, "last"):
@@ -211,6 +234,7 @@ class Evaluator:
         nll = [0.0] * len(self.sessions)
         for st in self._bar(starts, "wikitext2"):
             window = ids[st : st + w]
+            self._prepare_oracles([window], w)
             for i, s, logits in self._prefill_all(window, "all"):
                 nll[i] += float(torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum"))
                 self.results[i].add_cache(s)
@@ -224,6 +248,8 @@ class Evaluator:
         hits = [0] * len(self.sessions)
         for trial in self._bar(trials, "passkey"):
             prompt = torch.tensor(self.tokenizer.encode(trial.prompt, add_special_tokens=False))
+            answer = self.tokenizer.encode(trial.prompt + " " + trial.answer + ".", add_special_tokens=False)[prompt.numel() :]
+            self._prepare_oracles([torch.tensor(prompt.tolist() + answer)], prompt.numel() + len(answer), tail=PASSKEY_GEN_ROOM)
             for i, s in enumerate(self.sessions):
                 t0 = time.perf_counter()
                 s.reset()

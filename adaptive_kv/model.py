@@ -105,3 +105,11 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
     return model
+
+
+def model_id(model: LlamaForCausalLM) -> str:
+    """Identity a controller is checked against: architecture dims + vocabulary size
+    (a controller's features and damage scale are specific to them)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return f"llama:L{c.num_hidden_layers}:d{c.hidden_size}:h{c.num_attention_heads}/{c.num_key_value_heads}x{head_dim}:v{c.vocab_size}"

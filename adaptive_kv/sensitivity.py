@@ -56,36 +56,56 @@ def _finish_layer(layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def first_order_damage(
-    model: LlamaForCausalLM, ids: torch.Tensor, bits: tuple[int, ...] = (2, 4, 8, 16), hadamard: bool = True, group_size: int = 64
+    model: LlamaForCausalLM,
+    ids: torch.Tensor,
+    bits: tuple[int, ...] = (2, 4, 8, 16),
+    hadamard: bool = True,
+    group_size: int = 64,
+    block: int = 256,
 ) -> torch.Tensor:
-    """ids: [T] -> damage [T, len(bits)] (sum over layers, heads and later queries of |d o|^2)."""
+    """ids: [T] -> damage [T, len(bits)] (sum over layers, heads and later queries of |d o|^2).
+
+    Queries are processed in blocks of ``block`` rows against the keys before them, and the sum
+    over queries is expanded so each width costs two matmuls and a few [H, block, t] passes:
+    |d o_i|^2 / p_it^2 = |dv|^2 + 2 c (dv.v_t - dv.o_i) + c^2 (|v_t|^2 - 2 o_i.v_t + |o_i|^2).
+    """
     m, t = model.model, ids.numel()
     hq, hkv, d, scale = _dims(model)
     g = hq // hkv
     h = m.embed_tokens(ids[None])
     cos, sin = m.rotary_emb(h, torch.arange(t)[None])
-    later = torch.ones(t, t, dtype=torch.bool).tril(-1)  # [i, t]: query i is after key t
     damage = torch.zeros(t, len(bits), dtype=torch.float64)
     for layer in m.layers:
         q, k, v = _qkv(layer, h, cos, sin, hq, hkv, d)  # [Hq|Hkv, T, D]
         kx, vx = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)  # [Hq, T, D]
-        s = (q @ kx.transpose(-1, -2)) * scale
-        p = torch.softmax(s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf")), -1)  # [Hq, i, t]
-        o = p @ vx  # [Hq, T, D]
-        p2 = (p * p) * later  # only later queries feel token t's stored error
-        vv = (vx * vx).sum(-1)  # [Hq, T(t)]
-        ov = o @ vx.transpose(-1, -2)  # [Hq, i, t] o_i . v_t
-        oo = (o * o).sum(-1)  # [Hq, T(i)]
-        for j, b in enumerate(bits):
-            dk = (stored(k, b, hadamard, group_size) - k).repeat_interleave(g, 0)
-            dv = (stored(v, b, hadamard, group_size) - v).repeat_interleave(g, 0)
-            c = (q @ dk.transpose(-1, -2)) * scale  # [Hq, i, t]
-            dvdv = (dv * dv).sum(-1)[:, None, :]  # [Hq, 1, t]
-            dvv = (dv * vx).sum(-1)[:, None, :]
-            dvo = o @ dv.transpose(-1, -2)  # [Hq, i, t]
-            diff2 = vv[:, None, :] - 2 * ov + oo[:, :, None]  # |v_t - o_i|^2
-            per = p2 * (dvdv + 2 * c * (dvv - dvo) + c * c * diff2)
-            damage[:, j] += per.sum((0, 1)).double()
+        dks = [(stored(k, b, hadamard, group_size) - k).repeat_interleave(g, 0) for b in bits]
+        dvs = [(stored(v, b, hadamard, group_size) - v).repeat_interleave(g, 0) for b in bits]
+        vv = (vx * vx).sum(-1)  # [Hq, T]
+        o = torch.empty_like(q)
+        for i0 in range(0, t, block):
+            i1 = min(i0 + block, t)
+            qb = q[:, i0:i1]  # [Hq, B, D]
+            s = (qb @ kx[:, :i1].transpose(-1, -2)) * scale  # [Hq, B, i1]
+            rows = torch.arange(i0, i1)[:, None]
+            cols = torch.arange(i1)[None]
+            p = torch.softmax(s.masked_fill(cols > rows, float("-inf")), -1)
+            ob = p @ vx[:, :i1]  # [Hq, B, D]
+            o[:, i0:i1] = ob
+            p2 = p * p * (cols < rows)  # only later queries feel token t's stored error
+            ov = ob @ vx[:, :i1].transpose(-1, -2)  # [Hq, B, i1] o_i . v_t
+            oo = (ob * ob).sum(-1, keepdim=True)  # [Hq, B, 1]
+            for j in range(len(bits)):
+                dk, dv = dks[j][:, :i1], dvs[j][:, :i1]
+                c = (qb @ dk.transpose(-1, -2)) * scale  # [Hq, B, i1]
+                w = p2 * c
+                wc = w * c
+                dvo = ob @ dv.transpose(-1, -2)
+                per_head = (
+                    ((dv * dv).sum(-1) * p2.sum(1))  # [Hq, i1]
+                    + 2 * ((dv * vx[:, :i1]).sum(-1) * w.sum(1) - (w * dvo).sum(1))
+                    + vv[:, :i1] * wc.sum(1) - 2 * (wc * ov).sum(1) + (wc * oo).sum(1)
+                )
+                damage[:i1, j] += per_head.sum(0).double()
         h = _finish_layer(layer, h, o)
     return damage
 

@@ -83,7 +83,11 @@ class Session:
     def commit(self, out: ChunkOutput, ids: torch.Tensor) -> torch.Tensor:
         """Let the policy choose the chunk's widths, pack its K/V; returns [T] widths used."""
         feats = self.features(out, ids)
-        return self.cache.commit(out.k[:, 0], out.v[:, 0], self.policy.choose(feats))
+        if getattr(self.policy, "budgeted", False):
+            bits = self.policy.choose(feats, spent=self.cache.spent_bits())
+        else:
+            bits = self.policy.choose(feats)
+        return self.cache.commit(out.k[:, 0], out.v[:, 0], bits)
 
     def feed(self, ids: torch.Tensor, logits: str = "last") -> torch.Tensor | None:
         """Prefill ids [T] in chunks, committing each; returns the logits asked for ("all": [T, V], "last": [V])."""

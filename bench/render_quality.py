@@ -37,7 +37,11 @@ def main(src: Path, out: Path) -> None:
     recs = data["records"]
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in recs)]
     rows: dict[str, dict[str, dict]] = {}
-    for r in sorted(recs, key=lambda r: (POLICY_ORDER.index(r["policy"]) if r["policy"] in POLICY_ORDER else 99, not r["hadamard"])):
+    def order(r: dict) -> tuple:
+        base = r["policy"].partition("@")[0]
+        return (next((i for i, p in enumerate(POLICY_ORDER) if base.startswith(p)), 99), r["policy"], not r["hadamard"])
+
+    for r in sorted(recs, key=order):
         rows.setdefault(label(r), {})[r["task"]] = r
     n = {t: next(r["n"] for r in recs if r["task"] == t) for t in tasks}
     ctx = {t: next(r.get("context") for r in recs if r["task"] == t) for t in tasks}

@@ -25,11 +25,22 @@ def _load(model: str | None):
     return PackedLlama(hf), tok
 
 
-def _policies(names: tuple[str, ...], controller: str | None, budget: float | None = None):
-    from adaptive_kv.policy import make_policy
+def _policy_names(names: tuple[str, ...]) -> list[str]:
+    from adaptive_kv.policy import POLICY_NAMES, PolicyError
 
     flat = [n.strip() for name in names for n in name.split(",") if n.strip()]
-    return [make_policy(n, controller=controller, budget_bits=budget) for n in flat]
+    for n in flat:  # fail before the model loads
+        if n not in POLICY_NAMES and not n.startswith("static-"):
+            raise PolicyError(f"unknown policy '{n}'; choose one of {', '.join(POLICY_NAMES)}")
+    return flat
+
+
+def _policies(names: list[str], controller: str | None, budget: float | None, decoder):
+    from adaptive_kv.model import model_id
+    from adaptive_kv.policy import make_policy
+
+    mid = model_id(decoder.model)
+    return [make_policy(n, controller=controller, model_id=mid, budget_bits=budget) for n in names]
 
 
 class _Errors(click.Group):
@@ -53,8 +64,8 @@ def main() -> None:
 @click.option("--model", default=None, help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
 @click.option("--policy", "policy_names", multiple=True, default=("fp16",), show_default=True,
               help=f"One of {', '.join(POLICY_NAMES)}; repeat or comma-separate to compare several on the same items.")
-@click.option("--controller", default=None, type=click.Path(), help="Controller file for --policy learned.")
-@click.option("--kv-budget-bits", "budget", default=None, type=float, help="KV memory budget in bits/value (scales included) for rule / learned.")
+@click.option("--controller", default=None, type=click.Path(), help="Controller file for --policy learned (default: the bundled SmolLM2-135M one).")
+@click.option("--kv-budget-bits", "budget", default=None, type=float, help="KV memory budget in bits/value (scales included) for rule / learned / oracle.")
 @click.option("--task", required=True, help="hellaswag, arc_easy, arc_challenge, openbookqa, piqa, wikitext2 or passkey.")
 @click.option("--data", default=None, type=click.Path(path_type=Path), help="Data file (default: ../shared/data/...).")
 @click.option("--limit", default=None, type=int, help="Cap on items (questions, perplexity windows, passkey trials).")
@@ -69,8 +80,9 @@ def eval_cmd(model, policy_names, controller, budget, task, data, limit, context
     from adaptive_kv.evaluate import EvalConfig, Evaluator
 
     cfg = EvalConfig(task=task, data=data, limit=limit, context=context, chunk_size=chunk_size, hadamard=hadamard, group_size=group_size, seed=seed)
-    policies = _policies(policy_names, controller, budget)
+    names = _policy_names(policy_names)
     decoder, tok = _load(model)
+    policies = _policies(names, controller, budget, decoder)
     results = [r.to_dict() for r in Evaluator(decoder, tok, policies, cfg, progress=not as_json).run()]
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else {"results": results}, indent=2))
@@ -101,8 +113,9 @@ def generate(model, policy, controller, budget, prompt, max_new_tokens, temperat
 
     from adaptive_kv.session import Session, SessionConfig
 
-    (pol,) = _policies((policy,), controller, budget)
+    names = _policy_names((policy,))
     decoder, tok = _load(model)
+    (pol,) = _policies(names, controller, budget, decoder)
     session = Session(decoder, pol, SessionConfig(max_seq_len=max_seq_len))
     if chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
@@ -124,3 +137,75 @@ def generate(model, policy, controller, budget, prompt, max_new_tokens, temperat
               f"decode {n_dec / (t1 - t_first):.1f} tok/s (PyTorch reference path)")
     err.print(f"KV cache: {cache.seq_len} tokens at {cache.bits_per_value():.2f} bits/value; "
               f"in use by precision {cache.used_bytes_by_bits()} bytes; allocated {cache.nbytes():,} bytes for {cache.max_seq_len} tokens")
+
+
+@main.command("train-controller")
+@click.option("--model", default=None, help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
+@click.option("--data", "data_specs", multiple=True,
+              help="Text file (cut into windows) or FILE.jsonl@START:END (multiple-choice items, context + gold answer); "
+                   "repeatable. Default: wiki.valid.tokens and HellaSwag items 2500-2799.")
+@click.option("--window", default=2048, show_default=True, help="Tokens per text window.")
+@click.option("--windows", "max_windows", default=6, show_default=True, help="Windows taken per text file (evenly spaced).")
+@click.option("--kv-budget-bits", "budget", default=4.0, show_default=True, help="Average storage bits/value (scales included) the labels and the controller spend.")
+@click.option("--features", default="paper", show_default=True, type=click.Choice(["paper", "extended"]),
+              help="paper = entropy, rarity, attn_var, confidence; extended adds position.")
+@click.option("--alpha", default=1.0, show_default=True, help="Weight of the cross-entropy to the budget-optimal labels.")
+@click.option("--beta", default=0.05, show_default=True, help="Weight of the expected storage cost.")
+@click.option("--gamma", default=1.0, show_default=True, help="Weight of 1 - expected quality (from each token's measured damage).")
+@click.option("--epochs", default=400, show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--patience", default=40, show_default=True, help="Early stopping: epochs without validation improvement.")
+@click.option("--chunk-size", default=32, show_default=True, help="Prefill chunk used when computing features (as at inference).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--rows", "rows_path", default=None, type=click.Path(path_type=Path),
+              help="Cache of collected rows (features + damage): reused when its data digest matches, else written.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Controller file to write (.safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Print the training report as JSON.")
+def train_controller(model, data_specs, window, max_windows, budget, features, alpha, beta, gamma, epochs, lr, patience,
+                     chunk_size, seed, rows_path, out, as_json):
+    """Train the precision controller on measured sensitivity under a KV bit budget."""
+    import dataclasses
+    import shlex
+
+    import torch
+
+    from adaptive_kv.model import model_id
+    from adaptive_kv.training import Rows, TrainConfig, calibration_sequences, collect, default_data_specs, sequences_digest, train
+
+    cfg = TrainConfig(budget_bits=budget, features=features, alpha=alpha, beta=beta, gamma=gamma, epochs=epochs, lr=lr,
+                      patience=patience, seed=seed, chunk_size=chunk_size)
+    if out.suffix != ".safetensors":
+        raise click.BadParameter("the controller file must end in .safetensors", param_hint="--out")
+    torch.manual_seed(seed)
+    decoder, tok = _load(model)
+    specs = list(data_specs) or default_data_specs()
+    seqs = calibration_sequences(tok, specs, window=window, max_windows=max_windows)
+    digest = sequences_digest(seqs)
+    rows = Rows.load(rows_path) if rows_path is not None and rows_path.is_file() else None
+    if rows is None or rows.digest != digest:
+        t0 = time.perf_counter()
+        err.print(f"collecting features and sensitivity of {sum(s.numel() for s in seqs):,} tokens in {len(seqs)} sequences")
+        rows = collect(decoder, seqs, chunk_size=chunk_size, progress=not as_json)
+        err.print(f"collected in {time.perf_counter() - t0:.0f} s")
+        if rows_path is not None:
+            rows.save(rows_path)
+    else:
+        err.print(f"reusing rows from {rows_path} ({rows.sequence.numel():,} tokens)")
+    command = "kvexport train-controller " + shlex.join(sys.argv[2:])
+    ctrl, report = train(rows, cfg, model_id=model_id(decoder.model),
+                         extra={"data": [Path(s.partition("@")[0]).name + (("@" + s.partition("@")[2]) if "@" in s else "") for s in specs],
+                                "command": command, "config": dataclasses.asdict(cfg)})
+    ctrl.meta = dataclasses.replace(ctrl.meta, extra={**ctrl.meta.extra, "report": dataclasses.asdict(report)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ctrl.save(out)
+    rep = {**dataclasses.asdict(report), "out": str(out), "features": list(ctrl.meta.feature_names),
+           "class_fractions": list(ctrl.meta.class_fractions)}
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    table = Table(title=f"controller @{budget} bits/value ({features} features) -> {out}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rep.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)

@@ -80,3 +80,10 @@ def test_garbled_data_file(tiny_checkpoint, tmp_path):
     bad.write_text('{"ctx": "a"}\n{not json\n')
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_checkpoint), "--task", "hellaswag", "--data", str(bad)])
     assert res.exit_code == 2 and "h.jsonl" in res.output
+
+
+@pytest.mark.parametrize("task,kw", [("hellaswag", dict(limit=2)), ("wikitext2", dict(limit=1, context=96, chunk_size=16)), ("passkey", dict(limit=1, context=160, chunk_size=32))])
+def test_oracle_runs_every_task_within_its_budget(tiny, task, kw):
+    decoder, tok = tiny
+    (r,) = Evaluator(decoder, tok, [make_policy("oracle", budget_bits=3.0)], EvalConfig(task=task, **kw), progress=False).run()
+    assert 2.5 <= r.avg_bits <= 3.0 + 1e-9 and r.n == kw["limit"]

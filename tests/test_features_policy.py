@@ -5,6 +5,7 @@ import torch
 
 from adaptive_kv.controller import ControllerError, ControllerMeta, PrecisionController
 from adaptive_kv.features import RarityTracker, TokenFeatures, next_token_stats
+from adaptive_kv.allocation import exact, price_to_fit
 from adaptive_kv.policy import POLICY_NAMES, LearnedPolicy, PolicyError, RulePolicy, SinkRecentPolicy, StaticPolicy, make_policy
 from adaptive_kv.session import Session, SessionConfig
 
@@ -44,8 +45,10 @@ def test_policies_by_name_and_unknown_names():
     assert [make_policy(n).name for n in POLICY_NAMES if n != "learned"] == [n for n in POLICY_NAMES if n != "learned"]
     with pytest.raises(PolicyError, match="unknown policy 'static-3'.*fp16"):
         make_policy("static-3")
-    with pytest.raises(PolicyError, match="needs a controller file"):
-        make_policy("learned")
+    # without --controller, learned uses the bundled SmolLM2 controller, which refuses other models
+    assert make_policy("learned").controller.meta.budget_bits == 4.0
+    with pytest.raises(ControllerError, match="trained for model 'llama:L30:d576:h9/3x64:v49152', not 'tiny'"):
+        make_policy("learned", model_id="tiny")
 
 
 def test_rule_buckets_entropy_into_widths():
@@ -94,10 +97,57 @@ def test_controller_file_round_trip_and_rejections(tmp_path):
 
 
 def test_learned_policy_drives_the_cache(tiny_decoder):
+    s = Session(tiny_decoder, LearnedPolicy(_controller(8), budget_bits=9.0), SessionConfig(max_seq_len=64, chunk_size=5))
+    s.feed(torch.arange(12))
+    # the budget affords 8.5-bit tokens: the controller's choice stands for all 12 tokens
+    assert s.cache.stored_bits().tolist() == [8] * 12
+    # at 7.875 bits the first chunk cannot afford it (5 x 8.5 > 5 x 7.875): the price rises and
+    # the constant controller falls to 2 bits; what that saved pays for 8 bits in the next chunks
     s = Session(tiny_decoder, LearnedPolicy(_controller(8)), SessionConfig(max_seq_len=64, chunk_size=5))
     s.feed(torch.arange(12))
-    # pools: 16 slots each; the controller asks 8 bits for all 12 tokens
-    assert s.cache.stored_bits().tolist() == [8] * 12
+    assert s.cache.stored_bits().tolist() == [2] * 5 + [8] * 7
+
+
+def test_price_to_fit_is_the_smallest_price_within_the_allowance():
+    g = torch.Generator().manual_seed(0)
+    costs = torch.tensor([2.5, 4.5, 8.5, 16.0])
+    for _ in range(20):
+        logp = torch.randn(37, 4, generator=g).log_softmax(-1)
+        allowance = float(torch.empty(()).uniform_(2.5, 16.0, generator=g)) * 37
+        price = price_to_fit(logp, costs, 0.0, allowance)
+        spend = lambda lam: float(costs[(logp - lam * costs).argmax(-1)].sum())  # noqa: E731
+        assert spend(price) <= allowance
+        assert price == 0.0 or spend(price * (1 - 1e-6) - 1e-9) > allowance
+
+
+@pytest.mark.parametrize("budget", [3.0, 4.0])
+def test_learned_policy_keeps_every_prefix_within_the_budget(tiny_decoder, budget):
+    """A random controller that spends far more than the budget on its own."""
+    torch.manual_seed(0)
+    meta = ControllerMeta(class_fractions=(0.1, 0.2, 0.3, 0.4), budget_bits=budget)
+    ctrl = PrecisionController(meta).eval()
+    with torch.no_grad():
+        ctrl.mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, 1.0, 2.0]))  # leans to 8/16 bits
+    s = Session(tiny_decoder, LearnedPolicy(ctrl), SessionConfig(max_seq_len=128, chunk_size=7))
+    ids = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(1))
+    s.feed(ids[:40])
+    for t in ids[40:]:  # decode steps: one token per commit
+        s.feed(t[None])
+        assert s.cache.bits_per_value() <= budget + 1e-9
+    assert len(set(s.cache.stored_bits().tolist())) > 1  # a real mix, not all-cheapest
+
+
+def test_oracle_follows_the_budget_optimal_plan(tiny_decoder):
+    damage = torch.rand(20, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([100.0, 10.0, 1.0, 0.0])
+    oracle = make_policy("oracle", budget_bits=4.0)
+    oracle.prepare(damage, tail=3)
+    s = Session(tiny_decoder, oracle, SessionConfig(max_seq_len=32, chunk_size=6))
+    s.feed(torch.arange(23))
+    want = torch.tensor([2, 4, 8, 16])[torch.from_numpy(exact(damage.double().numpy(), [2.5, 4.5, 8.5, 16.0], 4.0))]
+    assert s.cache.stored_bits().tolist() == want.tolist() + [2, 2, 2]
+    assert s.cache.bits_per_value() <= 4.0
+    with pytest.raises(PolicyError, match="plan covers 23 tokens"):
+        s.feed(torch.arange(2))
 
 
 def test_rule_policy_reads_features_in_the_session(tiny_decoder):

@@ -25,3 +25,10 @@ def test_first_order_damage_ranks_tokens_like_the_exact_kl(tiny_model):
 def test_exact_damage_is_zero_at_full_precision_like_storage(tiny_model):
     ids = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(1))
     assert exact_damage(tiny_model, ids, 3, 16) < 1e-6 < exact_damage(tiny_model, ids, 3, 2)
+
+
+def test_query_blocking_does_not_change_the_damage(tiny_model):
+    ids = torch.randint(0, 512, (70,), generator=torch.Generator().manual_seed(3))
+    a = first_order_damage(tiny_model, ids, block=16)
+    b = first_order_damage(tiny_model, ids, block=1000)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
