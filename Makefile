@@ -10,7 +10,10 @@ STAMP  := $(VENV)/.setup-stamp
 
 .PHONY: setup test test-fast demo bench clean
 
-setup: $(STAMP)
+KVQ_LIB := runtime_ops/build/libkvq_aten.so
+KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp) runtime_ops/CMakeLists.txt runtime_ops/build.py
+
+setup: $(STAMP) $(KVQ_LIB)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +23,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
+
+# The kvq C++ kernels (eager + ExecuTorch libraries, sanitized test) into runtime_ops/build/;
+# rebuilt whenever a kernel source changes.
+$(KVQ_LIB): $(STAMP) $(KVQ_SRC)
+	$(PY) runtime_ops/build.py
+	touch $(KVQ_LIB)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,0 +1,198 @@
+"""Microbenchmark of the fused packed-cache attention kernel (kvq::packed_attention).
+
+SmolLM2-135M shapes (Hq=9, Hkv=3, D=64), one decode step (T=1), at 4096 and 8192 cached tokens;
+policies static-4 and a 2/4/8/16-bit mix (45/40/10/5 %); 1 and 2 threads. Per case it reports
+the time per call, GB/s over the bytes the kernel must read (codes + scales + zeros, or fp16
+rows), that figure as a fraction of this machine's memory-copy bandwidth, and the speedup over
+fp32 attention (``F.scaled_dot_product_attention`` over an fp32 cache of the same length).
+
+Cold caches, like a real decode step (30 layers plus the weights pass between two visits of a
+layer's cache): each case cycles through enough copies of the layer ("layers") that the working
+set exceeds 4x the last-level cache. Copy bandwidth: one 256 MiB torch copy, reported both as
+bytes copied / s and as bytes moved (read + written) / s; the fraction uses the larger, moved.
+
+    .venv/bin/python bench/bench_attention.py [--reps 60] [--warmup 10] [--out bench/results/attention.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from adaptive_kv import ops
+from adaptive_kv.formats import BIT_WIDTHS, RowFormat
+
+HQ, HKV, D, G = 9, 3, 64, 64
+POLICIES = {"static-4": {4: 1.0}, "mix 2/4/8/16 = 45/40/10/5%": {2: 0.45, 4: 0.40, 8: 0.10, 16: 0.05}}
+CONTEXTS = (4096, 8192)
+THREADS = (1, 2)
+COLD_BYTES = 4 * 32 * 2**20  # 4x this host's 32 MiB L3: every visit of a layer misses the caches
+
+
+def split_counts(n: int, fractions: dict[int, float]) -> dict[int, int]:
+    counts = {b: int(n * f) for b, f in fractions.items()}
+    counts[max(fractions, key=fractions.get)] += n - sum(counts.values())
+    return counts
+
+
+def make_layer(counts: dict[int, int], seed: int) -> dict[str, torch.Tensor]:
+    """One layer's pools, full to the given counts, packed by the kernel from random rows."""
+    g = torch.Generator().manual_seed(seed)
+    pools: dict[str, torch.Tensor] = {}
+    for b, n in counts.items():
+        if n == 0:
+            continue
+        for kv in "kv":
+            x = torch.randn(HKV, n, D, generator=g)
+            if b == 16:
+                pools[f"{kv}16"] = x.half()
+            else:
+                pools[f"{kv}{b}"], pools[f"{kv}{b}_scale"], pools[f"{kv}{b}_zero"] = ops.pack_rows(x, b, G)
+    return pools
+
+
+def bytes_read(counts: dict[int, int]) -> int:
+    """K and V bytes of the filled slots (scales and zeros included)."""
+    return sum(2 * HKV * n * RowFormat(b, D, G).row_bytes for b, n in counts.items())
+
+
+def time_calls(fn, n_layers: int, warmup: int, reps: int) -> list[float]:
+    for i in range(warmup):
+        fn(i % n_layers)
+    out = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn((warmup + i) % n_layers)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def copy_bandwidth(threads: int, reps: int = 10) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    src = torch.ones(256 * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    best = min(time_calls(lambda _: dst.copy_(src), 1, 0, reps))
+    return {"copied_GBps": src.numel() / best / 1e9, "moved_GBps": 2 * src.numel() / best / 1e9}
+
+
+def summary(ts: list[float]) -> dict[str, float]:
+    return {
+        "median_us": 1e6 * statistics.median(ts),
+        "mean_us": 1e6 * statistics.fmean(ts),
+        "std_us": 1e6 * statistics.pstdev(ts),
+        "best_us": 1e6 * min(ts),  # the uncontended figure when other work shares the cores
+    }
+
+
+def bench_case(n_ctx: int, policy: str, threads: int, warmup: int, reps: int, copy_bw: float) -> dict:
+    torch.set_num_threads(threads)
+    counts = split_counts(n_ctx, POLICIES[policy])
+    nbytes = bytes_read(counts)
+    n_layers = max(2, math.ceil(COLD_BYTES / nbytes))
+    base = make_layer(counts, seed=n_ctx)
+    layers = [{k: t.clone() for k, t in base.items()} for _ in range(n_layers)]  # separate memory
+    lengths = torch.tensor([counts.get(b, 0) for b in BIT_WIDTHS], dtype=torch.int64)
+    q, kc, vc = torch.randn(1, HQ, 1, D), torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D)
+    kvq = time_calls(lambda i: ops.packed_attention(q, kc, vc, layers[i], lengths, D**-0.5), n_layers, warmup, reps)
+    del layers
+
+    # fp32 baseline: the same number of keys (cache + the chunk) in an fp32 cache, GQA via SDPA
+    fp32_bytes = 2 * HKV * (n_ctx + 1) * D * 4
+    n_fp = max(2, math.ceil(COLD_BYTES / fp32_bytes))
+    kv32 = [(torch.randn(1, HKV, n_ctx + 1, D), torch.randn(1, HKV, n_ctx + 1, D)) for _ in range(n_fp)]
+    sdpa = time_calls(lambda i: F.scaled_dot_product_attention(q, *kv32[i], enable_gqa=True), n_fp, warmup, reps)
+    del kv32
+
+    t = statistics.median(kvq)
+    return {
+        "context": n_ctx,
+        "policy": policy,
+        "threads": threads,
+        "counts": {str(b): n for b, n in counts.items()},
+        "bytes_read": nbytes,
+        "layers_cycled": n_layers,
+        "kvq": summary(kvq),
+        "GBps": nbytes / t / 1e9,
+        "fraction_of_copy_bw": nbytes / t / 1e9 / copy_bw,
+        "sdpa_fp32": summary(sdpa) | {"bytes_read": fp32_bytes, "GBps": fp32_bytes / statistics.median(sdpa) / 1e9},
+        "speedup_vs_sdpa": statistics.median(sdpa) / t,
+        "best": {"GBps": nbytes / min(kvq) / 1e9, "fraction_of_copy_bw": nbytes / min(kvq) / 1e9 / copy_bw, "speedup_vs_sdpa": min(sdpa) / min(kvq)},
+    }
+
+
+def host_info() -> dict:
+    def sh(cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "cpu": sh("lscpu | grep 'Model name' | sed 's/.*: *//'") or platform.processor(),
+        "cores": os.cpu_count(),
+        "l3": sh("lscpu | grep 'L3' | sed 's/.*: *//'"),
+        "loadavg_at_start": sh("cat /proc/loadavg"),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_isa": ops.best_kernel_isa(),
+        "commit": sh("git -C " + str(Path(__file__).resolve().parent) + " rev-parse --short HEAD"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "attention.json")
+    args = ap.parse_args()
+    ops.load_library()
+    info = host_info()
+    copy = {th: copy_bandwidth(th) for th in THREADS}
+    cases = [
+        bench_case(n, pol, th, args.warmup, args.reps, copy[th]["moved_GBps"]) for n in CONTEXTS for pol in POLICIES for th in THREADS
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "host": info,
+        "method": f"decode step T=1, Hq={HQ}, Hkv={HKV}, D={D}, group {G}; {args.warmup} warm-up + {args.reps} timed calls per case, "
+        f"median (and best) reported; working set cycled over >= {COLD_BYTES >> 20} MiB of layer copies (cold caches)",
+        "copy_bandwidth": {str(k): v for k, v in copy.items()},
+        "cases": cases,
+    }
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"host: {info['cpu']}, {info['cores']} cores, L3 {info['l3']}, torch {info['torch']} ({info['torch_cpu_capability']}), "
+          f"kernel {info['kernel_isa']}, load avg at start {info['loadavg_at_start']}")
+    load1 = float(info["loadavg_at_start"].split()[0] or 0)
+    if load1 >= 0.5 * (os.cpu_count() or 1):
+        # Fork-join kernels (ours and SDPA alike) wait for a descheduled worker: one scheduler
+        # slice (~8 ms here) per call, so multi-thread rows then measure the scheduler.
+        print(f"WARNING: load average {load1} on {os.cpu_count()} cores at start: other work competes for the cores; "
+              "multi-thread timings are not meaningful in this run")
+    for th, c in copy.items():
+        print(f"copy bandwidth, {th} thread(s): {c['copied_GBps']:.1f} GB/s copied = {c['moved_GBps']:.1f} GB/s moved (read + write)")
+    print(f"\n{result['method']}\n")
+    print("median of the timed calls, and in brackets the best call (the uncontended figure on a shared machine)\n")
+    print("| context | policy | threads | MB read | kvq us | GB/s | % of copy bw | fp32 SDPA us | speedup vs SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in cases:
+        k, s, b = c["kvq"], c["sdpa_fp32"], c["best"]
+        print(f"| {c['context']} | {c['policy']} | {c['threads']} | {c['bytes_read'] / 1e6:.2f} | {k['median_us']:.0f} ({k['best_us']:.0f}) | "
+              f"{c['GBps']:.2f} ({b['GBps']:.2f}) | {100 * c['fraction_of_copy_bw']:.0f}% ({100 * b['fraction_of_copy_bw']:.0f}%) | "
+              f"{s['median_us']:.0f} ({s['best_us']:.0f}) | {c['speedup_vs_sdpa']:.2f}x ({b['speedup_vs_sdpa']:.2f}x) |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

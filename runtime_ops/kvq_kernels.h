@@ -1,0 +1,1034 @@
+// kvq_kernels.h — compute bodies of the packed KV cache ops, free of torch and ExecuTorch.
+//
+// Two ops share this header (registered for PyTorch eager in kvq_aten.cpp and for the
+// ExecuTorch runtime in kvq_executorch.cpp):
+//   pack_rows          quantize + bit-pack rows, bit-exact with adaptive_kv.formats.quantize_rows
+//   packed_attention   fused attention of a query chunk over the mixed-precision pools plus the
+//                      chunk's own full-precision K/V (causal), reading the packed codes directly
+//
+// Storage format (adaptive_kv/formats.py): a row of D values is cut into groups of G; each group
+// has an fp16 scale and zero, x_hat = code * scale + zero. With k = 8/bits codes per byte, byte j
+// of a group holds codes j, j + G/k, ..., j + (k-1)G/k at bit offsets 0, bits, ..., so 16
+// consecutive dims of a group are one 16-byte load, one shift and one mask ("split halves").
+//
+// Why the attention never dequantizes a row: with q.x_hat = scale * (q.code) + zero * sum(q),
+// scores need one FMA per code and one scalar term per group; likewise the value side
+// accumulates (p * scale) * code and keeps p * zero per group in a scalar, folded in at the end.
+//
+// Work split: (batch, KV head, tile of 4 query rows); the G query heads of a KV head and the T
+// chunk positions are the rows, so at decode (T = 1, G <= 4) each code byte is read once per
+// call. When there are few such tiles (decode) the cache is also cut into 512-token parts, each
+// a work item with its own softmax state, merged by log-sum-exp. The cut ignores the thread
+// count, so results do not depend on it.
+//
+// Threading is the host's: every entry point takes a `par_for(n, fn(begin, end))` so the ATen
+// build uses torch's pool and the ExecuTorch build uses the runtime's pool (the one XNNPACK and
+// the optimized kernels share), instead of a second OpenMP runtime competing for the cores.
+//
+// Paths: AVX2+FMA+F16C and NEON (8 fp32 lanes behind one small interface, `Avx2` / `Neon`) and
+// the scalar reference `scalar_segment`, always compiled and selectable (set_isa).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KVQ_HAVE_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define KVQ_HAVE_NEON 1
+#include <arm_neon.h>
+#endif
+
+namespace kvq {
+
+constexpr int kMaxHeadDim = 256;  // bounds the per-thread stack workspace of the attention
+constexpr int kNumWidths = 4;     // pools, in this order: 2, 4, 8, 16 bits
+constexpr int kWidths[kNumWidths] = {2, 4, 8, 16};
+
+// ---------------------------------------------------------------------------------------------
+// fp16 <-> fp32, bit exact, round-to-nearest-even (what torch's .to(torch.float16) does)
+// ---------------------------------------------------------------------------------------------
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float mag = float(mant) * 5.9604644775390625e-08f;
+    return sign ? -mag : mag;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / nan
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+inline uint16_t float_to_half(float f) {
+  uint32_t x = float_to_bits(f);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal half, units of 2^-24 (scaling is exact)
+    const float units = std::nearbyint(bits_to_float(ax) * 16777216.0f);
+    return uint16_t(sign | uint16_t(units));  // 1024 units correctly becomes the smallest normal
+  }
+  const uint32_t odd = (ax >> 13) & 1u;  // ties to even
+  ax += 0xc8000000u + 0xfffu + odd;      // rebias exponent 127 -> 15, add the rounding bias
+  return uint16_t(sign | (ax >> 13));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument errors: a message, never an abort (the registrations turn it into an exception or a
+// failed kernel context).
+// ---------------------------------------------------------------------------------------------
+struct Error {
+  char msg[256] = {0};
+  bool ok() const { return msg[0] == 0; }
+};
+
+template <class... A>
+inline Error make_error(const char* fmt, A... args) {
+  Error e;
+  std::snprintf(e.msg, sizeof(e.msg), fmt, args...);
+  if (e.msg[0] == 0) e.msg[0] = '?';
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// pack_rows: the encoder of adaptive_kv.formats.quantize_rows (clip search on), scalar on
+// purpose: it touches T rows per step, and exactness (same fp32 operation order as the Python)
+// matters more than speed here.
+// ---------------------------------------------------------------------------------------------
+// Shrink factors of each group's range searched by the encoder (formats.CLIP_RATIOS; float
+// literals round exactly like torch.tensor of the Python floats).
+constexpr float kClipRatios[] = {1.0f, 0.95f, 0.9f, 0.85f, 0.8f, 0.75f, 0.7f, 0.65f, 0.6f};
+constexpr int kNumClipRatios = 9;
+
+inline Error check_pack_args(int bits, int64_t head_dim, int64_t group_size) {
+  if (bits != 2 && bits != 4 && bits != 8) return make_error("bits=%d: pack_rows packs 2, 4 or 8 bits (16-bit rows are stored as fp16)", bits);
+  if (group_size <= 0 || head_dim <= 0 || head_dim % group_size)
+    return make_error("group_size=%lld must divide head_dim=%lld", (long long)group_size, (long long)head_dim);
+  if (group_size % (8 / bits)) return make_error("group_size=%lld must be a multiple of %d at %d bits", (long long)group_size, 8 / bits, bits);
+  if (head_dim > kMaxHeadDim) return make_error("head_dim=%lld exceeds the supported maximum %d", (long long)head_dim, kMaxHeadDim);
+  return Error{};
+}
+
+// Sum of n fp32 values in the order of ATen's vectorized inner-dim sum (SumKernel.cpp:
+// `lanes`-wide vectors, 4 interleaved vector accumulators, then the lanes left to right), so the
+// clip search's argmin sees the very error values torch computed. lanes = 16 when torch
+// dispatches AVX-512 kernels, 8 for AVX2/NEON/default.
+inline float torch_order_sum(const float* e, int n, int lanes) {
+  const int nvec = n / lanes, ilp = nvec / 4;
+  float total = 0.0f;
+  for (int i = nvec * lanes; i < n; ++i) total += e[i];  // scalar tail first
+  for (int l = 0; l < lanes; ++l) {
+    float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < ilp; ++i)
+      for (int k = 0; k < 4; ++k) p[k] += e[(4 * i + k) * lanes + l];
+    for (int v = ilp * 4; v < nvec; ++v) p[0] += e[v * lanes + l];
+    float lane = p[0];
+    lane += p[1];
+    lane += p[2];
+    lane += p[3];
+    total += lane;
+  }
+  return total;
+}
+
+// One group of G values -> codes (unpacked, one per value), scale and zero as fp16 bits.
+inline void quantize_group(const float* x, int G, int bits, int sum_lanes, uint8_t* codes, uint16_t* scale_out, uint16_t* zero_out) {
+  const float levels = float((1 << bits) - 1);
+  float lo = x[0], hi = x[0];
+  for (int i = 1; i < G; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float mid = (lo + hi) / 2.0f;
+  float best_err = std::numeric_limits<float>::infinity();
+  int best = -1;
+  uint8_t cand[kMaxHeadDim];
+  float err[kMaxHeadDim];
+  for (int r = 0; r < kNumClipRatios; ++r) {
+    // Each line is one fp32 tensor op of quantize_rows, rounded where torch rounds.
+    const float lo_r = mid - (mid - lo) * kClipRatios[r];
+    const float hi_r = mid + (hi - mid) * kClipRatios[r];
+    const uint16_t z16 = float_to_half(lo_r);
+    const float z = half_to_float(z16);
+    const float span = hi_r - z;
+    uint16_t s16 = float_to_half(span > 0.0f ? span / levels : 1.0f);
+    if (!(half_to_float(s16) > 0.0f)) s16 = 0x0001;  // fp16 underflow guard: 2^-24
+    const float s = half_to_float(s16);
+    for (int i = 0; i < G; ++i) {
+      const float d = x[i] - z;
+      const float c = std::min(std::max(std::nearbyint(d / s), 0.0f), levels);  // round half even
+      cand[i] = uint8_t(c);
+      const float e = c * s + z - x[i];  // two roundings, no FMA (built with -ffp-contract=off)
+      err[i] = e * e;
+    }
+    const float total = torch_order_sum(err, G, sum_lanes);
+    if (best < 0 || total < best_err) {  // strict: the first minimum wins, like torch.argmin
+      best_err = total;
+      best = r;
+      std::memcpy(codes, cand, size_t(G));
+      *scale_out = s16;
+      *zero_out = z16;
+    }
+  }
+}
+
+// x: [n_rows, D] fp32 -> codes [n_rows, D*bits/8], scale / zero [n_rows, D/G] (fp16 bits).
+template <class ParFor>
+void pack_rows(const float* x, int64_t n_rows, int D, int G, int bits, int sum_lanes, uint8_t* codes, uint16_t* scale,
+               uint16_t* zero, ParFor&& par_for) {
+  const int groups = D / G, per_byte = 8 / bits, lane_bytes = G / per_byte;  // lane_bytes = G*bits/8
+  const int64_t row_bytes = int64_t(D) * bits / 8;
+  const uint8_t mask = uint8_t((1 << bits) - 1);
+  par_for(n_rows, [&](int64_t begin, int64_t end) {
+    uint8_t c[kMaxHeadDim];
+    for (int64_t row = begin; row < end; ++row) {
+      for (int g = 0; g < groups; ++g) {
+        quantize_group(x + row * D + g * G, G, bits, sum_lanes, c, scale + row * groups + g, zero + row * groups + g);
+        uint8_t* out = codes + row * row_bytes + int64_t(g) * lane_bytes;
+        for (int j = 0; j < lane_bytes; ++j) {  // split halves: byte j <- codes j, j+L, j+2L, ...
+          uint32_t b = 0;
+          for (int s = 0; s < per_byte; ++s) b |= uint32_t(c[j + s * lane_bytes] & mask) << (s * bits);
+          out[j] = uint8_t(b);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// packed_attention: arguments
+// ---------------------------------------------------------------------------------------------
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kNeon = 2 };
+
+inline const char* isa_name(Isa i) {
+  return i == Isa::kAvx2 ? "avx2" : i == Isa::kNeon ? "neon" : "scalar";
+}
+
+// The best path compiled into this build (the build enables AVX2 only on hosts that have it).
+inline Isa best_isa() {
+#if defined(KVQ_HAVE_AVX2)
+  return Isa::kAvx2;
+#elif defined(KVQ_HAVE_NEON)
+  return Isa::kNeon;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+// Process-wide choice, so tests and benchmarks can run the scalar reference through the ops.
+inline std::atomic<int>& isa_setting() {
+  static std::atomic<int> s{int(best_isa())};
+  return s;
+}
+inline Isa current_isa() { return Isa(isa_setting().load()); }
+// Returns the previous setting, or -1 (and changes nothing) if `isa` is not compiled in.
+inline int set_isa(int isa) {
+  if (isa != int(Isa::kScalar) && isa != int(best_isa())) return -1;
+  return isa_setting().exchange(isa);
+}
+
+// One precision pool of one layer, all KV heads. Packed (bits < 16): codes [Hkv, capacity,
+// D*bits/8] uint8, scale / zero [Hkv, capacity, D/G] fp16. bits == 16: k / v are fp16 [Hkv,
+// capacity, D] and the scale / zero pointers are unused. Slots [0, len) of every head are filled.
+struct Pool {
+  int bits = 0;  // 0: absent
+  int64_t len = 0, capacity = 0;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const uint16_t* k_scale = nullptr;
+  const uint16_t* k_zero = nullptr;
+  const uint16_t* v_scale = nullptr;
+  const uint16_t* v_zero = nullptr;
+};
+
+struct AttentionArgs {
+  int64_t batch = 1, q_heads = 0, kv_heads = 0, chunk_len = 0, head_dim = 0, group_size = 64;
+  const float* q = nullptr;        // [B, Hq, T, D]
+  const float* k_chunk = nullptr;  // [B, Hkv, T, D], attended causally
+  const float* v_chunk = nullptr;  // [B, Hkv, T, D]
+  Pool pools[kNumWidths];          // 2, 4, 8, 16 bits; every batch row attends the same pools
+  float scale = 1.0f;              // softmax scale, usually D^-0.5
+  float* out = nullptr;            // [B, Hq, T, D]
+  float* sum_p2 = nullptr;         // [B, Hq, T]: sum_j p_j^2 of each query row
+};
+
+// Shape and range checks on the plain numbers (the registrations check dtypes and ranks).
+inline Error check_attention_args(const AttentionArgs& a) {
+  if (a.batch < 1 || a.chunk_len < 1 || a.q_heads < 1 || a.kv_heads < 1)
+    return make_error("empty query chunk: batch=%lld, T=%lld, Hq=%lld, Hkv=%lld", (long long)a.batch, (long long)a.chunk_len,
+                      (long long)a.q_heads, (long long)a.kv_heads);
+  if (a.q_heads % a.kv_heads) return make_error("q heads (%lld) must be a multiple of KV heads (%lld)", (long long)a.q_heads, (long long)a.kv_heads);
+  if (a.head_dim < 1 || a.head_dim > kMaxHeadDim) return make_error("head_dim=%lld outside [1, %d]", (long long)a.head_dim, kMaxHeadDim);
+  for (int w = 0; w < kNumWidths; ++w) {
+    const Pool& p = a.pools[w];
+    if (p.len < 0 || p.len > p.capacity)
+      return make_error("%d-bit pool: filled length %lld outside [0, capacity %lld]", kWidths[w], (long long)p.len, (long long)p.capacity);
+    if (p.len > 0 && p.bits != kWidths[w]) return make_error("%d-bit pool has %lld filled slots but no tensors", kWidths[w], (long long)p.len);
+    if (p.bits && p.bits < 16) {
+      Error e = check_pack_args(p.bits, a.head_dim, a.group_size);
+      if (!e.ok()) return e;
+    }
+  }
+  return Error{};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor arguments as plain descriptors: both registrations describe their tensors this way and
+// share one validator, so eager and ExecuTorch reject the same inputs with the same message.
+// ---------------------------------------------------------------------------------------------
+enum class DType : int { kOther = 0, kFloat, kHalf, kByte, kLong };
+
+inline const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::kFloat: return "float32";
+    case DType::kHalf: return "float16";
+    case DType::kByte: return "uint8";
+    case DType::kLong: return "int64";
+    default: return "another dtype";
+  }
+}
+
+struct TensorDesc {
+  bool present = false;
+  DType dtype = DType::kOther;
+  int dim = 0;
+  int64_t sizes[8] = {0};
+  bool contiguous = true;
+  const void* data = nullptr;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int i = 0; i < dim; ++i) n *= sizes[i];
+    return n;
+  }
+};
+
+// Checks dtype, rank, contiguity and the sizes given (-1: any).
+inline Error expect_tensor(const TensorDesc& t, const char* name, DType dt, int dim, const int64_t* want) {
+  if (!t.present) return make_error("%s is missing", name);
+  if (t.dtype != dt) return make_error("%s must be %s, got %s", name, dtype_name(dt), dtype_name(t.dtype));
+  if (t.dim != dim) return make_error("%s must have %d dims, got %d", name, dim, t.dim);
+  for (int i = 0; i < dim; ++i)
+    if (want[i] >= 0 && t.sizes[i] != want[i])
+      return make_error("%s has size %lld at dim %d, expected %lld", name, (long long)t.sizes[i], i, (long long)want[i]);
+  if (!t.contiguous) return make_error("%s must be contiguous", name);
+  if (!t.data && t.numel() > 0) return make_error("%s has no data", name);
+  return Error{};
+}
+
+struct PackArgs {
+  const float* x = nullptr;
+  int64_t rows = 0;
+  int D = 0, G = 0, bits = 0;
+};
+
+// x: [..., D] float32 -> rows of D. Output shapes: codes [..., D*bits/8], scale/zero [..., D/G].
+inline Error make_pack_args(const TensorDesc& x, int64_t bits, int64_t group_size, PackArgs& p) {
+  if (!x.present || x.dim < 1) return make_error("x must be a tensor of rows [..., head_dim]");
+  const int64_t any[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+  Error e = expect_tensor(x, "x", DType::kFloat, x.dim, any);
+  if (!e.ok()) return e;
+  const int64_t D = x.sizes[x.dim - 1];
+  e = check_pack_args(int(bits), D, group_size);
+  if (!e.ok()) return e;
+  p.x = static_cast<const float*>(x.data);
+  p.rows = D ? x.numel() / D : 0;
+  p.D = int(D);
+  p.G = int(group_size);
+  p.bits = int(bits);
+  return Error{};
+}
+
+// Checks an output of a pack: same leading dims as x, last dim `last`.
+inline Error expect_pack_out(const TensorDesc& out, const TensorDesc& x, const char* name, DType dt, int64_t last) {
+  int64_t want[8];
+  for (int i = 0; i < x.dim; ++i) want[i] = x.sizes[i];
+  want[x.dim - 1] = last;
+  return expect_tensor(out, name, dt, x.dim, want);
+}
+
+// Pool tensor slots per width, in schema order: k, k_scale, k_zero, v, v_scale, v_zero
+// (16 bits: k16 in slot 0, v16 in slot 3, the rest absent).
+constexpr int kPoolSlots = 6;
+constexpr const char* kSlotNames[kPoolSlots] = {"k", "k_scale", "k_zero", "v", "v_scale", "v_zero"};
+
+// Validates every input of packed_attention and fills `a` (all but the outputs).
+// q: [B, Hq, T, D] f32; k_chunk, v_chunk: [B, Hkv, T, D] f32; lengths: [4] int64 (filled slots of
+// the 2-, 4-, 8- and 16-bit pools); pools as documented on `Pool`.
+inline Error make_attention_args(const TensorDesc& q, const TensorDesc& k_chunk, const TensorDesc& v_chunk, const TensorDesc& lengths,
+                                 const TensorDesc (&pool)[kNumWidths][kPoolSlots], double scale, int64_t group_size, AttentionArgs& a) {
+  const int64_t any4[4] = {-1, -1, -1, -1};
+  Error e = expect_tensor(q, "q", DType::kFloat, 4, any4);
+  if (!e.ok()) return e;
+  a.batch = q.sizes[0];
+  a.q_heads = q.sizes[1];
+  a.chunk_len = q.sizes[2];
+  a.head_dim = q.sizes[3];
+  const int64_t kv_shape[4] = {a.batch, -1, a.chunk_len, a.head_dim};
+  if (!(e = expect_tensor(k_chunk, "k_chunk", DType::kFloat, 4, kv_shape)).ok()) return e;
+  a.kv_heads = k_chunk.sizes[1];
+  const int64_t v_shape[4] = {a.batch, a.kv_heads, a.chunk_len, a.head_dim};
+  if (!(e = expect_tensor(v_chunk, "v_chunk", DType::kFloat, 4, v_shape)).ok()) return e;
+  const int64_t len_shape[1] = {kNumWidths};
+  if (!(e = expect_tensor(lengths, "lengths", DType::kLong, 1, len_shape)).ok()) return e;
+  if (!(group_size > 0)) return make_error("group_size=%lld must be positive", (long long)group_size);
+  if (!std::isfinite(scale)) return make_error("scale must be finite");
+  a.group_size = group_size;
+  a.scale = float(scale);
+  a.q = static_cast<const float*>(q.data);
+  a.k_chunk = static_cast<const float*>(k_chunk.data);
+  a.v_chunk = static_cast<const float*>(v_chunk.data);
+  const int64_t* len = static_cast<const int64_t*>(lengths.data);
+  for (int w = 0; w < kNumWidths; ++w) {
+    const int bits = kWidths[w];
+    const TensorDesc* t = pool[w];
+    Pool& p = a.pools[w];
+    p = Pool{};
+    p.len = len[w];
+    char name[48];
+    if (bits == 16) {
+      if (t[0].present != t[3].present) return make_error("k16 and v16 must be given together");
+      if (!t[0].present) continue;
+      const int64_t shape[3] = {a.kv_heads, -1, a.head_dim};
+      if (!(e = expect_tensor(t[0], "k16", DType::kHalf, 3, shape)).ok()) return e;
+      const int64_t same[3] = {a.kv_heads, t[0].sizes[1], a.head_dim};
+      if (!(e = expect_tensor(t[3], "v16", DType::kHalf, 3, same)).ok()) return e;
+      p.capacity = t[0].sizes[1];
+    } else {
+      int given = 0;
+      for (int i = 0; i < kPoolSlots; ++i) given += t[i].present;
+      if (given != 0 && given != kPoolSlots) return make_error("the %d-bit pool needs all six tensors (codes, scale, zero for k and v), got %d", bits, given);
+      if (!given) continue;
+      if (!(e = check_pack_args(bits, a.head_dim, group_size)).ok()) return e;
+      const int64_t cap = t[0].sizes[1];
+      const int64_t codes_shape[3] = {a.kv_heads, cap, a.head_dim * bits / 8};
+      const int64_t aff_shape[3] = {a.kv_heads, cap, a.head_dim / group_size};
+      for (int i = 0; i < kPoolSlots; ++i) {
+        std::snprintf(name, sizeof name, "%s%d%s", i < 3 ? "k" : "v", bits, kSlotNames[i] + 1);
+        const bool codes = i == 0 || i == 3;
+        if (!(e = expect_tensor(t[i], name, codes ? DType::kByte : DType::kHalf, 3, codes ? codes_shape : aff_shape)).ok()) return e;
+      }
+      p.capacity = cap;
+      p.k_scale = static_cast<const uint16_t*>(t[1].data);
+      p.k_zero = static_cast<const uint16_t*>(t[2].data);
+      p.v_scale = static_cast<const uint16_t*>(t[4].data);
+      p.v_zero = static_cast<const uint16_t*>(t[5].data);
+    }
+    p.bits = bits;
+    p.k = t[0].data;
+    p.v = t[3].data;
+  }
+  return check_attention_args(a);
+}
+
+namespace detail {
+
+constexpr int kTileRows = 4;        // query rows (of one KV head) processed together
+constexpr int kBlock = 32;          // cache tokens per softmax block
+constexpr int64_t kSplit = 512;     // tokens per work item when a call is split over the cache
+constexpr int kMaxGroups = kMaxHeadDim / 16;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// A contiguous run of rows of one source, for one KV head: a pool or the chunk.
+struct Segment {
+  int src;  // 0..3: pool index, 4: the chunk
+  int64_t begin, end;
+};
+
+// Running softmax state of one tile of query rows (a work item's private workspace).
+struct Tile {
+  int rows = 0;          // valid rows (<= kTileRows)
+  int64_t t[kTileRows];  // chunk position of each row, for the causal mask
+  float qs[kTileRows][kMaxHeadDim];  // q * scale; unused rows are zero
+  float qsum[kTileRows][kMaxGroups]; // per-group sum of qs, multiplies the key zeros
+  float m[kTileRows], l[kTileRows], l2[kTileRows];
+  float acc[kTileRows][kMaxHeadDim];  // sum p * (code * scale) or p * v
+  float zacc[kTileRows][kMaxGroups];  // sum p * zero, per group (packed sources only)
+};
+
+// Per-(source, head) view the loops read rows from.
+struct SrcView {
+  int bits;  // 2, 4, 8 packed; 16 fp16; 32 fp32 (the chunk)
+  const uint8_t* k;
+  const uint8_t* v;
+  int64_t row_bytes;  // bytes from one token's row to the next
+  const uint16_t *ks, *kz, *vs, *vz;
+  int64_t groups;  // scale/zero entries per token (packed)
+};
+
+inline SrcView make_view(const AttentionArgs& a, int src, int64_t b, int64_t h) {
+  SrcView s{};
+  const int64_t D = a.head_dim;
+  if (src == 4) {
+    s.bits = 32;
+    s.row_bytes = D * 4;
+    const int64_t off = ((b * a.kv_heads + h) * a.chunk_len) * D;
+    s.k = reinterpret_cast<const uint8_t*>(a.k_chunk + off);
+    s.v = reinterpret_cast<const uint8_t*>(a.v_chunk + off);
+    return s;
+  }
+  const Pool& p = a.pools[src];
+  s.bits = p.bits;
+  s.row_bytes = D * p.bits / 8;
+  s.k = static_cast<const uint8_t*>(p.k) + h * p.capacity * s.row_bytes;
+  s.v = static_cast<const uint8_t*>(p.v) + h * p.capacity * s.row_bytes;
+  if (p.bits < 16) {
+    s.groups = D / a.group_size;
+    const int64_t off = h * p.capacity * s.groups;
+    s.ks = p.k_scale + off;
+    s.kz = p.k_zero + off;
+    s.vs = p.v_scale + off;
+    s.vz = p.v_zero + off;
+  }
+  return s;
+}
+
+// ---- the scalar reference path: one token at a time, each value dequantized explicitly -------
+inline float scalar_value(const SrcView& s, const uint8_t* base, const uint16_t* sc, const uint16_t* zr, int64_t tok, int64_t d,
+                          int64_t G) {
+  const uint8_t* row = base + tok * s.row_bytes;
+  if (s.bits == 32) return reinterpret_cast<const float*>(row)[d];
+  if (s.bits == 16) return half_to_float(reinterpret_cast<const uint16_t*>(row)[d]);
+  const int64_t g = d / G, dg = d % G, lane = G * s.bits / 8;
+  const int code = (row[g * lane + dg % lane] >> (s.bits * (dg / lane))) & ((1 << s.bits) - 1);
+  return float(code) * half_to_float(sc[tok * s.groups + g]) + half_to_float(zr[tok * s.groups + g]);
+}
+
+inline void scalar_segment(const SrcView& s, const Segment& seg, int64_t D, int64_t G, Tile& w) {
+  const bool causal = seg.src == 4;
+  float kv[kMaxHeadDim];
+  for (int64_t tok = seg.begin; tok < seg.end; ++tok) {
+    for (int64_t d = 0; d < D; ++d) kv[d] = scalar_value(s, s.k, s.ks, s.kz, tok, d, G);
+    float p[kTileRows];
+    for (int r = 0; r < w.rows; ++r) {
+      p[r] = 0.0f;
+      if (causal && tok > w.t[r]) continue;
+      float sc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) sc += w.qs[r][d] * kv[d];
+      const float m_new = std::max(w.m[r], sc);
+      const float alpha = std::exp(w.m[r] - m_new);  // exp(-inf) = 0 on the first key
+      p[r] = std::exp(sc - m_new);
+      w.l[r] = w.l[r] * alpha + p[r];
+      w.l2[r] = w.l2[r] * alpha * alpha + p[r] * p[r];
+      for (int64_t d = 0; d < D; ++d) w.acc[r][d] *= alpha;
+      w.m[r] = m_new;
+    }
+    for (int64_t d = 0; d < D; ++d) kv[d] = scalar_value(s, s.v, s.vs, s.vz, tok, d, G);
+    for (int r = 0; r < w.rows; ++r)
+      for (int64_t d = 0; d < D; ++d) w.acc[r][d] += p[r] * kv[d];
+  }
+}
+
+// ---- SIMD backends: 8 fp32 lanes behind one small interface ---------------------------------
+#if defined(KVQ_HAVE_AVX2)
+struct Avx2 {
+  using F = __m256;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float hsum(F v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+  static float hmax(F v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+  // [hsum(v[0]), ..., hsum(v[7])] with 6 hadds: one reduction serves 8 tokens.
+  static F reduce8(const F* v) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  // e^x, ~1 ulp on [-87, 88]; x < -87 gives exactly 0 (masked keys are -inf).
+  static F exp(F x) {
+    const __m256 dead = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // Cody-Waite split of ln 2
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
+  // 16 codes of `bits` starting at byte p (shifted by `shift`) -> two float vectors.
+  static void codes16(const uint8_t* p, int shift, int mask, F& lo, F& hi) {
+    __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    x = _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(shift)), _mm_set1_epi8(char(mask)));
+    lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
+    hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(x, x)));
+  }
+  static void half16(const uint16_t* p, F& lo, F& hi) {
+    lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  }
+  static F half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+#endif
+
+#if defined(KVQ_HAVE_NEON)
+struct Neon {
+  struct F {
+    float32x4_t a, b;
+  };
+  static F zero() { return {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}; }
+  static F set1(float x) { return {vdupq_n_f32(x), vdupq_n_f32(x)}; }
+  static F load(const float* p) { return {vld1q_f32(p), vld1q_f32(p + 4)}; }
+  static void store(float* p, F v) {
+    vst1q_f32(p, v.a);
+    vst1q_f32(p + 4, v.b);
+  }
+  static F fma(F a, F b, F c) { return {vfmaq_f32(c.a, a.a, b.a), vfmaq_f32(c.b, a.b, b.b)}; }
+  static F mul(F a, F b) { return {vmulq_f32(a.a, b.a), vmulq_f32(a.b, b.b)}; }
+  static F add(F a, F b) { return {vaddq_f32(a.a, b.a), vaddq_f32(a.b, b.b)}; }
+  static F sub(F a, F b) { return {vsubq_f32(a.a, b.a), vsubq_f32(a.b, b.b)}; }
+  static F max(F a, F b) { return {vmaxq_f32(a.a, b.a), vmaxq_f32(a.b, b.b)}; }
+  static float hsum(F v) { return vaddvq_f32(vaddq_f32(v.a, v.b)); }
+  static float hmax(F v) { return vmaxvq_f32(vmaxq_f32(v.a, v.b)); }
+  static F reduce8(const F* v) {
+    float32x4_t s[8];
+    for (int i = 0; i < 8; ++i) s[i] = vaddq_f32(v[i].a, v[i].b);
+    return {vpaddq_f32(vpaddq_f32(s[0], s[1]), vpaddq_f32(s[2], s[3])), vpaddq_f32(vpaddq_f32(s[4], s[5]), vpaddq_f32(s[6], s[7]))};
+  }
+  static float32x4_t exp4(float32x4_t x) {
+    const uint32x4_t dead = vcltq_f32(x, vdupq_n_f32(-87.0f));
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    const float32x4_t y = vmulq_f32(p, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(y), dead));
+  }
+  static F exp(F x) { return {exp4(x.a), exp4(x.b)}; }
+  static void codes16(const uint8_t* p, int shift, int mask, F& lo, F& hi) {
+    uint8x16_t x = vld1q_u8(p);
+    x = vandq_u8(vshlq_u8(x, vdupq_n_s8(int8_t(-shift))), vdupq_n_u8(uint8_t(mask)));
+    const uint16x8_t l16 = vmovl_u8(vget_low_u8(x)), h16 = vmovl_high_u8(x);
+    lo = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(l16))), vcvtq_f32_u32(vmovl_high_u16(l16))};
+    hi = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(h16))), vcvtq_f32_u32(vmovl_high_u16(h16))};
+  }
+  static float32x4_t half4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+  static void half16(const uint16_t* p, F& lo, F& hi) {
+    lo = {half4(p), half4(p + 4)};
+    hi = {half4(p + 8), half4(p + 12)};
+  }
+  static F half8(const uint16_t* p) { return {half4(p), half4(p + 4)}; }
+};
+#endif
+
+// ---- the SIMD path: blocks of kBlock tokens, RT rows at once --------------------------------
+// Where the 16 dims [16c, 16c+16) of a row live: byte offset and bit shift (packed rows), so the
+// token loops do no index arithmetic beyond one add.
+struct ChunkMap {
+  int64_t off[kMaxHeadDim / 16];
+  int shift[kMaxHeadDim / 16];
+  ChunkMap(int bits, int64_t D, int64_t G) {
+    for (int64_t c = 0; c < D / 16; ++c) {
+      const int64_t d0 = 16 * c;
+      if (bits > 8) {
+        off[c] = d0 * (bits / 8);
+        shift[c] = 0;
+        continue;
+      }
+      const int64_t lane = G * bits / 8;  // bytes per group = dims per shift lane
+      const int64_t g = d0 / G, dg = d0 % G;
+      off[c] = g * lane + dg % lane;
+      shift[c] = int(bits * (dg / lane));
+    }
+  }
+};
+
+// Loads 16 consecutive dims (chunk c) of one row (K or V side) as two vectors.
+template <class V, int BITS>
+inline void load16(const uint8_t* row, const ChunkMap& cm, int64_t c, typename V::F& lo, typename V::F& hi) {
+  if constexpr (BITS == 32) {
+    lo = V::load(reinterpret_cast<const float*>(row + cm.off[c]));
+    hi = V::load(reinterpret_cast<const float*>(row + cm.off[c]) + 8);
+  } else if constexpr (BITS == 16) {
+    V::half16(reinterpret_cast<const uint16_t*>(row + cm.off[c]), lo, hi);
+  } else {
+    V::codes16(row + cm.off[c], cm.shift[c], (1 << BITS) - 1, lo, hi);
+  }
+}
+
+// scales / zeros of tokens [tok, tok+n) for group g, as floats in out[0..n) (zero padded to kBlock)
+template <class V>
+inline void load_affine(const uint16_t* p, int64_t groups, int64_t tok, int n, int64_t g, float* out) {
+  int j = 0;
+  if (groups == 1)
+    for (; j + 8 <= n; j += 8) V::store(out + j, V::half8(p + tok + j));
+  for (; j < n; ++j) out[j] = half_to_float(p[(tok + j) * groups + g]);
+  for (; j < kBlock; ++j) out[j] = 0.0f;
+}
+
+template <class V, int BITS, int RT, int FD>
+void simd_segment(const SrcView& s, const Segment& seg, int64_t D_, int64_t G_, Tile& w) {
+  // FD > 0: head_dim == group_size == FD at compile time (SmolLM2: 64), so the chunk offsets and
+  // shifts below fold into immediates and the 16-dim chunk loops unroll.
+  const int64_t D = FD > 0 ? FD : D_, G = FD > 0 ? FD : G_;
+  using F = typename V::F;
+  constexpr bool kAffine = BITS <= 8;
+  const ChunkMap cm(BITS, D, G);  // (constant-folded when FD > 0)
+  const bool causal = seg.src == 4;
+  const int64_t groups = kAffine ? D / G : 1, gdim = kAffine ? G : D;
+  alignas(32) float score[RT][kBlock], dot[RT][kBlock], p[RT][kBlock];
+  alignas(32) float wv[RT][kMaxGroups][kBlock];  // p * value scale, per group
+  alignas(32) float ks[kBlock], kz[kBlock], vs[kBlock], vz[kBlock];
+  alignas(32) float part[RT][8][8];
+
+  for (int64_t t0 = seg.begin; t0 < seg.end; t0 += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, seg.end - t0));
+    // 1) scores[r][j] = q_r . k_j, group by group (for packed rows: scale * (q . code) + zero * sum q)
+    for (int r = 0; r < RT; ++r)
+      for (int j = 0; j < kBlock; ++j) score[r][j] = dot[r][j] = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int j0 = 0; j0 < n; j0 += 8) {
+        const int cnt = std::min(8, n - j0);
+        for (int jj = 0; jj < cnt; ++jj) {
+          F a0[RT], a1[RT];
+          for (int r = 0; r < RT; ++r) a0[r] = a1[r] = V::zero();
+          const uint8_t* row = s.k + (t0 + j0 + jj) * s.row_bytes;
+          for (int64_t d0 = g * gdim; d0 < (g + 1) * gdim; d0 += 16) {
+            F lo, hi;
+            load16<V, BITS>(row, cm, d0 / 16, lo, hi);
+            for (int r = 0; r < RT; ++r) {
+              a0[r] = V::fma(V::load(w.qs[r] + d0), lo, a0[r]);
+              a1[r] = V::fma(V::load(w.qs[r] + d0 + 8), hi, a1[r]);
+            }
+          }
+          for (int r = 0; r < RT; ++r) V::store(part[r][jj], V::add(a0[r], a1[r]));
+        }
+        for (int r = 0; r < RT; ++r) {
+          if (cnt == 8) {
+            F tmp[8];
+            for (int i = 0; i < 8; ++i) tmp[i] = V::load(part[r][i]);
+            V::store(dot[r] + j0, V::reduce8(tmp));
+          } else {
+            for (int jj = 0; jj < cnt; ++jj) dot[r][j0 + jj] = V::hsum(V::load(part[r][jj]));
+          }
+        }
+      }
+      if constexpr (kAffine) {
+        load_affine<V>(s.ks, groups, t0, n, g, ks);
+        load_affine<V>(s.kz, groups, t0, n, g, kz);
+        for (int r = 0; r < RT; ++r) {
+          const F qz = V::set1(w.qsum[r][g]);
+          for (int j = 0; j < kBlock; j += 8)
+            V::store(score[r] + j, V::add(V::load(score[r] + j), V::fma(V::load(ks + j), V::load(dot[r] + j), V::mul(V::load(kz + j), qz))));
+        }
+      } else {
+        for (int r = 0; r < RT; ++r)
+          for (int j = 0; j < n; ++j) score[r][j] = dot[r][j];
+      }
+    }
+    // 2) online softmax over the block, per row; masked keys (causal, padding) are -inf
+    for (int r = 0; r < RT; ++r) {
+      const int64_t visible = causal ? std::min<int64_t>(n, w.t[r] - t0 + 1) : n;
+      for (int j = int(std::max<int64_t>(visible, 0)); j < kBlock; ++j) score[r][j] = kNegInf;
+      F mx = V::load(score[r]);
+      for (int j = 8; j < kBlock; j += 8) mx = V::max(mx, V::load(score[r] + j));
+      const float m_new = std::max(w.m[r], V::hmax(mx));
+      if (m_new == kNegInf) {  // nothing visible to this row yet
+        for (int j = 0; j < kBlock; ++j) p[r][j] = 0.0f;
+        continue;
+      }
+      const float alpha = std::exp(w.m[r] - m_new);
+      const F mv = V::set1(m_new);
+      F ps = V::zero(), ps2 = V::zero();
+      for (int j = 0; j < kBlock; j += 8) {
+        const F e = V::exp(V::sub(V::load(score[r] + j), mv));
+        V::store(p[r] + j, e);
+        ps = V::add(ps, e);
+        ps2 = V::fma(e, e, ps2);
+      }
+      w.l[r] = w.l[r] * alpha + V::hsum(ps);
+      w.l2[r] = w.l2[r] * alpha * alpha + V::hsum(ps2);
+      w.m[r] = m_new;
+      if (alpha != 1.0f) {
+        const F av = V::set1(alpha);
+        for (int64_t d = 0; d < D; d += 8) V::store(w.acc[r] + d, V::mul(V::load(w.acc[r] + d), av));
+        for (int64_t g = 0; g < groups; ++g) w.zacc[r][g] *= alpha;
+      }
+    }
+    // 3) values: acc += (p * scale) * code, zacc += p * zero (packed); acc += p * v (fp16/fp32)
+    for (int64_t g = 0; g < groups; ++g) {
+      if constexpr (kAffine) {
+        load_affine<V>(s.vs, groups, t0, n, g, vs);
+        load_affine<V>(s.vz, groups, t0, n, g, vz);
+        for (int r = 0; r < RT; ++r) {
+          F zs = V::zero();
+          for (int j = 0; j < kBlock; j += 8) {
+            V::store(wv[r][g] + j, V::mul(V::load(p[r] + j), V::load(vs + j)));
+            zs = V::fma(V::load(p[r] + j), V::load(vz + j), zs);
+          }
+          w.zacc[r][g] += V::hsum(zs);
+        }
+      } else {
+        for (int r = 0; r < RT; ++r)
+          for (int j = 0; j < kBlock; ++j) wv[r][g][j] = p[r][j];
+      }
+    }
+    // C chunks of 16 dims per pass over the block: 2*C*RT accumulators stay in the 16 vector
+    // registers and each weight broadcast serves C chunks. A pass never straddles two groups.
+    auto pass = [&](auto c_tag, int64_t c0) {
+      constexpr int C = decltype(c_tag)::value;
+      const int64_t g = kAffine ? c0 * 16 / G : 0;
+      F a[C][2][RT];
+      for (int k = 0; k < C; ++k)
+        for (int r = 0; r < RT; ++r) {
+          a[k][0][r] = V::load(w.acc[r] + (c0 + k) * 16);
+          a[k][1][r] = V::load(w.acc[r] + (c0 + k) * 16 + 8);
+        }
+      const uint8_t* rows = s.v + t0 * s.row_bytes;
+      for (int j = 0; j < n; ++j) {
+        F wj[RT];
+        for (int r = 0; r < RT; ++r) wj[r] = V::set1(wv[r][g][j]);
+        for (int k = 0; k < C; ++k) {
+          F lo, hi;
+          load16<V, BITS>(rows + j * s.row_bytes, cm, c0 + k, lo, hi);
+          for (int r = 0; r < RT; ++r) {
+            a[k][0][r] = V::fma(wj[r], lo, a[k][0][r]);
+            a[k][1][r] = V::fma(wj[r], hi, a[k][1][r]);
+          }
+        }
+      }
+      for (int k = 0; k < C; ++k)
+        for (int r = 0; r < RT; ++r) {
+          V::store(w.acc[r] + (c0 + k) * 16, a[k][0][r]);
+          V::store(w.acc[r] + (c0 + k) * 16 + 8, a[k][1][r]);
+        }
+    };
+    constexpr int kPass = RT == 1 ? 4 : RT == 2 ? 2 : 1;
+    const int64_t chunks = D / 16;
+    int64_t c0 = 0;
+    for (; c0 + kPass <= chunks; c0 += kPass) {
+      if (!kAffine || c0 * 16 / G == ((c0 + kPass) * 16 - 1) / G)
+        pass(std::integral_constant<int, kPass>{}, c0);
+      else
+        for (int64_t k = 0; k < kPass; ++k) pass(std::integral_constant<int, 1>{}, c0 + k);
+    }
+    for (; c0 < chunks; ++c0) pass(std::integral_constant<int, 1>{}, c0);
+  }
+}
+
+template <class V, int RT, int FD>
+void simd_segment_any(const SrcView& s, const Segment& seg, int64_t D, int64_t G, Tile& w) {
+  switch (s.bits) {
+    case 2: return simd_segment<V, 2, RT, FD>(s, seg, D, G, w);
+    case 4: return simd_segment<V, 4, RT, FD>(s, seg, D, G, w);
+    case 8: return simd_segment<V, 8, RT, FD>(s, seg, D, G, w);
+    case 16: return simd_segment<V, 16, RT, FD>(s, seg, D, G, w);
+    default: return simd_segment<V, 32, RT, FD>(s, seg, D, G, w);
+  }
+}
+
+template <class V>
+void simd_segment_rows(const SrcView& s, const Segment& seg, int64_t D, int64_t G, Tile& w) {
+  const bool fixed64 = D == 64 && G == 64;  // the common layout gets its own compiled loops
+  switch (w.rows * 2 + fixed64) {
+    case 2: return simd_segment_any<V, 1, 0>(s, seg, D, G, w);
+    case 3: return simd_segment_any<V, 1, 64>(s, seg, D, G, w);
+    case 4: return simd_segment_any<V, 2, 0>(s, seg, D, G, w);
+    case 5: return simd_segment_any<V, 2, 64>(s, seg, D, G, w);
+    case 6: return simd_segment_any<V, 3, 0>(s, seg, D, G, w);
+    case 7: return simd_segment_any<V, 3, 64>(s, seg, D, G, w);
+    case 9: return simd_segment_any<V, 4, 64>(s, seg, D, G, w);
+    default: return simd_segment_any<V, 4, 0>(s, seg, D, G, w);
+  }
+}
+
+// The SIMD loops need whole 16-dim chunks inside one group and one shift lane.
+inline bool simd_layout_ok(const AttentionArgs& a) {
+  if (a.head_dim % 16) return false;
+  for (const Pool& p : a.pools)
+    if (p.bits && p.bits < 16 && (a.group_size % 16 || (a.group_size * p.bits / 8) % 16)) return false;
+  return true;
+}
+
+// How the call is cut into work items: (batch, KV head, row tile, part), part = a run of segments.
+struct Plan {
+  int64_t groups_q = 0, rows = 0, tiles = 0;
+  std::vector<Segment> segments;
+  std::vector<std::pair<int, int>> parts;  // [first, last) into segments
+  int64_t items() const { return tiles * int64_t(parts.size()); }
+};
+
+inline Plan make_plan(const AttentionArgs& a) {
+  Plan pl;
+  pl.groups_q = a.q_heads / a.kv_heads;
+  pl.rows = pl.groups_q * a.chunk_len;  // row g*T + t: query head h*G + g at chunk position t
+  pl.tiles = (pl.rows + kTileRows - 1) / kTileRows;
+  // Few (batch, head, tile) triples, as in decoding: also split the cache so every core works
+  // (partial softmax states merged by log-sum-exp). The rule ignores the thread count, so a
+  // result does not depend on it.
+  const bool split = a.batch * a.kv_heads * pl.tiles < 16;
+  for (int w = 0; w < kNumWidths; ++w) {
+    const int64_t n = a.pools[w].len;
+    const int64_t step = split ? kSplit : std::max<int64_t>(n, 1);
+    for (int64_t s = 0; s < n; s += step) pl.segments.push_back({w, s, std::min(n, s + step)});
+  }
+  pl.segments.push_back({4, 0, a.chunk_len});
+  const int ns = int(pl.segments.size());
+  if (split)
+    for (int i = 0; i < ns; ++i) pl.parts.push_back({i, i + 1});
+  else
+    pl.parts.push_back({0, ns});
+  return pl;
+}
+
+// Partial state layout in the scratch buffer, per item: kTileRows x (m, l, l2, acc[D]).
+inline int64_t state_floats(int64_t D) { return kTileRows * (3 + D); }
+
+inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh, int64_t tile, int part, float* state) {
+  const int64_t D = a.head_dim, G = a.group_size, T = a.chunk_len;
+  const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
+  Tile w;
+  const int64_t r0 = tile * kTileRows;
+  w.rows = int(std::min<int64_t>(kTileRows, pl.rows - r0));
+  for (int r = 0; r < kTileRows; ++r) {
+    w.m[r] = kNegInf;
+    w.l[r] = w.l2[r] = 0.0f;
+    std::fill(w.acc[r], w.acc[r] + D, 0.0f);
+    std::fill(w.zacc[r], w.zacc[r] + kMaxGroups, 0.0f);
+    std::fill(w.qs[r], w.qs[r] + D, 0.0f);
+    std::fill(w.qsum[r], w.qsum[r] + kMaxGroups, 0.0f);
+    w.t[r] = -1;
+    if (r >= w.rows) continue;
+    const int64_t row = r0 + r, g = row / T, t = row % T;
+    w.t[r] = t;
+    const float* q = a.q + ((b * a.q_heads + h * pl.groups_q + g) * T + t) * D;
+    for (int64_t d = 0; d < D; ++d) w.qs[r][d] = q[d] * a.scale;
+    if (G % 16 == 0 && D % G == 0)  // the SIMD path's zero term (G % 16 == 0: <= kMaxGroups groups)
+      for (int64_t g0 = 0; g0 < D / G; ++g0)
+        for (int64_t d = g0 * G; d < (g0 + 1) * G; ++d) w.qsum[r][g0] += w.qs[r][d];
+  }
+  const bool simd = isa != Isa::kScalar && simd_layout_ok(a);
+  for (int i = pl.parts[part].first; i < pl.parts[part].second; ++i) {
+    const Segment& seg = pl.segments[i];
+    const SrcView s = make_view(a, seg.src, b, h);
+    if (!simd) {
+      scalar_segment(s, seg, D, G, w);
+      continue;
+    }
+#if defined(KVQ_HAVE_AVX2)
+    if (isa == Isa::kAvx2) simd_segment_rows<Avx2>(s, seg, D, G, w);
+#endif
+#if defined(KVQ_HAVE_NEON)
+    if (isa == Isa::kNeon) simd_segment_rows<Neon>(s, seg, D, G, w);
+#endif
+  }
+  for (int r = 0; r < kTileRows; ++r) {  // fold the per-group zero terms into the value sums
+    float* st = state + r * (3 + D);
+    st[0] = w.m[r];
+    st[1] = w.l[r];
+    st[2] = w.l2[r];
+    for (int64_t d = 0; d < D; ++d) st[3 + d] = w.acc[r][d];
+    if (G % 16 == 0 && D % G == 0)
+      for (int64_t g0 = 0; g0 < D / G; ++g0)
+        for (int64_t d = g0 * G; d < (g0 + 1) * G; ++d) st[3 + d] += w.zacc[r][g0];
+  }
+}
+
+
+// Merges the parts of one (batch, head, tile) with log-sum-exp and writes its normalized rows.
+inline void merge_tile(const AttentionArgs& a, const Plan& pl, int64_t ht, const float* base) {
+  const int64_t D = a.head_dim, T = a.chunk_len, nparts = int64_t(pl.parts.size()), per_item = state_floats(D);
+  const int64_t bh = ht / pl.tiles, tile = ht % pl.tiles, b = bh / a.kv_heads, h = bh % a.kv_heads;
+  float acc[kMaxHeadDim];
+  for (int r = 0; r < kTileRows && tile * kTileRows + r < pl.rows; ++r) {
+    float m = kNegInf;
+    for (int64_t p = 0; p < nparts; ++p) m = std::max(m, base[p * per_item + r * (3 + D)]);
+    float l = 0.0f, l2 = 0.0f;
+    std::fill(acc, acc + D, 0.0f);
+    for (int64_t p = 0; p < nparts; ++p) {
+      const float* st = base + p * per_item + r * (3 + D);
+      if (st[0] == kNegInf) continue;  // this part saw no key of this row
+      const float c = std::exp(st[0] - m);
+      l += st[1] * c;
+      l2 += st[2] * c * c;
+      for (int64_t d = 0; d < D; ++d) acc[d] += st[3 + d] * c;
+    }
+    const int64_t row = tile * kTileRows + r, g = row / T, t = row % T;
+    const int64_t oq = (b * a.q_heads + h * pl.groups_q + g) * T + t;
+    const float inv = 1.0f / l;
+    for (int64_t d = 0; d < D; ++d) a.out[oq * D + d] = acc[d] * inv;
+    if (a.sum_p2) a.sum_p2[oq] = l2 * inv * inv;
+  }
+}
+
+}  // namespace detail
+
+// The fused attention. `par_for(n, fn)` must call fn(begin, end) over a cover of [0, n).
+// One parallel region: whichever thread finishes the last part of a (batch, head, tile) merges
+// it, so a call pays one fork-join (a second one costs a scheduler slice on a busy machine).
+template <class ParFor>
+void packed_attention(const AttentionArgs& a, Isa isa, ParFor&& par_for) {
+  using namespace detail;
+  const Plan pl = make_plan(a);
+  const int64_t nparts = int64_t(pl.parts.size()), per_item = state_floats(a.head_dim);
+  const int64_t heads = a.batch * a.kv_heads, tiles = heads * pl.tiles;
+  std::vector<float> states(size_t(heads * pl.items() * per_item));
+  std::vector<std::atomic<int>> done(static_cast<size_t>(tiles));
+  for (auto& d : done) d.store(0, std::memory_order_relaxed);
+  par_for(heads * pl.items(), [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bh = it / pl.items(), rest = it % pl.items(), ht = bh * pl.tiles + rest / nparts;
+      run_item(a, pl, isa, bh, rest / nparts, int(rest % nparts), states.data() + it * per_item);
+      // acq_rel: the last finisher sees every other part's state before merging
+      if (done[size_t(ht)].fetch_add(1, std::memory_order_acq_rel) + 1 == nparts)
+        merge_tile(a, pl, ht, states.data() + ht * nparts * per_item);
+    }
+  });
+}
+
+// A par_for that runs everything on the calling thread.
+struct SerialFor {
+  template <class Fn>
+  void operator()(int64_t n, Fn&& fn) const {
+    if (n > 0) fn(int64_t(0), n);
+  }
+};
+
+}  // namespace kvq
