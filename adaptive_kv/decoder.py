@@ -4,6 +4,10 @@ One call processes a chunk of T new tokens for B sequences that share one cached
 is used to score several continuations against the same context). The chunk attends to the
 packed cache plus itself (causal, full precision); nothing is committed here: the session
 commits the returned K/V once the policy has seen the chunk's features.
+
+Attention runs either through the fused C++ kernel (``kvq::packed_attention``, runtime_ops/:
+reads the packed codes directly) or through the blockwise PyTorch reference (attention.py);
+``kernel="auto"`` takes the fused one when its library is built.
 """
 
 from __future__ import annotations
@@ -37,8 +41,21 @@ class ChunkOutput:
 class PackedLlama(nn.Module):
     """Runs ``model``'s weights; attention goes through a :class:`PackedKVCache`."""
 
-    def __init__(self, model: LlamaForCausalLM, block_size: int = 1024):
+    def __init__(self, model: LlamaForCausalLM, block_size: int = 1024, kernel: Literal["auto", "fused", "reference"] = "auto"):
         super().__init__()
+        if kernel not in ("auto", "fused", "reference"):
+            raise ValueError(f"kernel must be auto, fused or reference, got {kernel!r}")
+        if kernel != "reference":
+            from . import ops
+
+            try:
+                ops.load_library()
+                kernel = "fused"
+            except FileNotFoundError:
+                if kernel == "fused":
+                    raise
+                kernel = "reference"
+        self.kernel = kernel
         if getattr(model.config, "model_type", None) != "llama":
             raise ModelConfigError(f"expected a llama model, got '{getattr(model.config, 'model_type', type(model).__name__)}'")
         cfg = model.config
@@ -72,6 +89,13 @@ class PackedLlama(nn.Module):
         rotated = cache.config.hadamard
         hq, hkv, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
         ks, vs, attn_var = [], [], None
+        if self.kernel == "fused":
+            from .formats import BIT_WIDTHS
+            from .ops import POOL_ARGS
+
+            lengths = torch.tensor([cache.lengths.get(bits, 0) for bits in BIT_WIDTHS], dtype=torch.int64)
+            buffers = dict(cache.named_buffers())
+            pool_names = [n if n in buffers else None for n in POOL_ARGS]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -83,20 +107,27 @@ class PackedLlama(nn.Module):
             if rotated:  # the cache stores rotated K/V; attend in that basis, rotate back after
                 q, k, v = rotate(q), rotate(k), rotate(v)
             last = i == self.num_layers - 1
-            state = attend_blocks(
-                q.reshape(b, hkv, g * t, d),  # query head h uses KV head h // G
-                cache.blocks(i, self.block_size),
-                k,
-                v,
-                self.scale,
-                with_stats=with_stats and last,
-            )
-            o = state.output().view(b, hq, t, d)
+            if self.kernel == "fused":
+                pools = [None if n is None else buffers[n][i] for n in pool_names]
+                o, sum_p2 = torch.ops.kvq.packed_attention(
+                    q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), lengths, *pools, self.scale, cache.config.group_size
+                )  # [B, Hq, T, D], [B, Hq, T]
+            else:
+                state = attend_blocks(
+                    q.reshape(b, hkv, g * t, d),  # query head h uses KV head h // G
+                    cache.blocks(i, self.block_size),
+                    k,
+                    v,
+                    self.scale,
+                    with_stats=with_stats and last,
+                )
+                o = state.output().view(b, hq, t, d)
+                sum_p2 = state.sum_p_squared().view(b, hq, t) if with_stats and last else None
             if rotated:
                 o = rotate(o)
             if with_stats and last:
                 n_keys = start + torch.arange(1, t + 1)
-                attn_var = torch.stack([attention_variance(sp, n_keys) for sp in state.sum_p_squared().view(b, hq, t)])
+                attn_var = torch.stack([attention_variance(sp, n_keys) for sp in sum_p2])
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, hq * d))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         out_logits = None
