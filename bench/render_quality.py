@@ -38,8 +38,9 @@ def main(src: Path, out: Path) -> None:
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in recs)]
     rows: dict[str, dict[str, dict]] = {}
     def order(r: dict) -> tuple:
-        base = r["policy"].partition("@")[0]
-        return (next((i for i, p in enumerate(POLICY_ORDER) if base.startswith(p)), 99), r["policy"], not r["hadamard"])
+        base, _, budget = r["policy"].partition("@")
+        rank = next((i for i, p in enumerate(POLICY_ORDER) if base.startswith(p)), 99)
+        return (rank, base, -float(budget or 0), not r["hadamard"])
 
     for r in sorted(recs, key=order):
         rows.setdefault(label(r), {})[r["task"]] = r
