@@ -1,0 +1,280 @@
+"""The exportable decoder step: llama + packed mixed-precision cache + features + policy, one graph.
+
+:class:`ExportableDecoder` does, in one ``forward(ids)``, what :class:`adaptive_kv.session.Session`
+does for one chunk (forward, features, choose, commit), with all sequence state held in buffers
+that the graph mutates in place, so ``torch.export`` records them as mutable buffers and an
+ExecuTorch program keeps them between calls:
+
+- the pools, named and shaped as :class:`~adaptive_kv.cache.PackedKVCache` names them
+  (``k4``: uint8 [layers, Hkv, C_4, D/2], ``k4_scale``/``k4_zero``: fp16 [layers, Hkv, C_4, D/G],
+  ``k16``: fp16 [layers, Hkv, C_16, D], ...);
+- ``lengths`` int64 [4] (filled slots per width 2/4/8/16, the packed_attention argument),
+  ``seq_len`` int64 [1], ``token_bits`` int8 [max_seq_len], ``spent_bits`` float64 [1];
+- ``rarity_counts`` int64 [vocab], ``rarity_seen`` / ``rarity_distinct`` int64 [1].
+
+Attention is ``kvq::packed_attention`` over one layer's pools plus the chunk (one node per layer);
+packing is ``kvq::pack_rows`` (one node per packed width). Writes are ``index_put_`` on the slot
+dimension, the form ExecuTorch's reinplace pass turns into an in-place copy of just those rows.
+
+Writing a data-dependent number of tokens into each pool with static shapes: pool b rewrites a
+window of W consecutive slots (W = T, or C_b for a pool smaller than a chunk) starting at its fill level (wrapping modulo C_b, so
+the W slots are distinct); window slot j takes the chunk token placed there if there is one, and
+otherwise its own old content, so untouched slots keep their bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from adaptive_kv.cache import CacheConfig, CacheLayout, ContextOverflowError, PackedKVCache
+from adaptive_kv.formats import BIT_WIDTHS
+from adaptive_kv.hadamard import hadamard_matrix
+from adaptive_kv.ops import POOL_ARGS  # importing ops also registers torch.ops.kvq
+
+from .graph_policy import graph_policy
+from .placement import fallback_ranks, place
+
+
+class ExportConfigError(ValueError):
+    """A model, policy or layout the exportable decoder cannot serve."""
+
+
+# The bookkeeping buffers (token_bits: int8 [max_seq_len], the width each position is stored at):
+# small, and the only state a new sequence must start from zero (pools are read below lengths only).
+STATE_BUFFERS: tuple[str, ...] = ("lengths", "seq_len", "token_bits", "spent_bits", "rarity_counts", "rarity_seen", "rarity_distinct")
+
+
+class ExportableDecoder(nn.Module):
+    """One decoder step of ``model`` over a packed cache laid out for ``policy``.
+
+    forward(ids [1, T]) -> (logits [1, T, V] float32, bits [T] int64 widths the tokens were stored at),
+    1 <= T <= chunk_size; tokens sit at positions seq_len .. seq_len + T - 1.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        policy,
+        max_seq_len: int,
+        *,
+        layout: CacheLayout | None = None,
+        chunk_size: int = 32,
+        group_size: int = 64,
+        hadamard: bool = True,
+    ):
+        super().__init__()
+        cfg = model.config
+        if getattr(cfg, "model_type", None) != "llama":
+            raise ExportConfigError(f"expected a llama model, got '{getattr(cfg, 'model_type', type(model).__name__)}'")
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ExportConfigError(f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
+        if not 1 <= chunk_size <= max_seq_len:
+            raise ExportConfigError(f"chunk_size={chunk_size} must be in 1..max_seq_len={max_seq_len}")
+        in_graph = graph_policy(policy)  # raises for policies with no in-graph form (sink-recent, oracle)
+        layout = layout if layout is not None else policy.layout(max_seq_len)
+        if layout.demote is not None:
+            raise ExportConfigError(
+                f"layout demotes {layout.demote[0]}-bit tokens to {layout.demote[1]} bits (sink-recent); the exported cache "
+                "implements the fallback layouts only: export fp16, static-{8,4,2}, rule or learned"
+            )
+        if layout.max_seq_len != max_seq_len:
+            raise ExportConfigError(f"layout is for max_seq_len={layout.max_seq_len}, not {max_seq_len}")
+        self.model = model
+        self.policy = in_graph
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = max_seq_len
+        self.chunk_size = chunk_size
+        self.scale = self.head_dim**-0.5
+        self.cache_config = CacheConfig(self.num_layers, self.num_kv_heads, self.head_dim, layout, group_size, hadamard)
+        self.group_size = group_size
+        self.hadamard = hadamard
+        self.pool_bits = layout.pool_bits  # widths with capacity > 0, ascending
+        self.capacities = tuple(layout.capacity(b) for b in self.pool_bits)
+
+        # ---- the packed cache: PackedKVCache's own buffers (same names, shapes, dtypes, token_bits too)
+        for name, buf in PackedKVCache(self.cache_config).named_buffers():
+            self.register_buffer(name, buf)
+        self.pool_names = [n for n in POOL_ARGS if n in self._buffers]  # packed_attention order
+        self.register_buffer("lengths", torch.zeros(len(BIT_WIDTHS), dtype=torch.int64))  # [4] filled slots of 2/4/8/16
+        self.register_buffer("seq_len", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("spent_bits", torch.zeros(1, dtype=torch.float64))  # sum of bits/value over cached tokens
+        self.register_buffer("rarity_counts", torch.zeros(self.vocab_size, dtype=torch.int64))
+        self.register_buffer("rarity_seen", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("rarity_distinct", torch.zeros(1, dtype=torch.int64))
+
+        # ---- constants
+        if hadamard:
+            self.register_buffer("rotation", hadamard_matrix(self.head_dim), persistent=False)  # [D, D]
+        self.register_buffer("fallback_ranks", fallback_ranks(self.pool_bits), persistent=False)  # [4, P]
+        self.register_buffer("pool_caps", torch.tensor(self.capacities, dtype=torch.int64), persistent=False)  # [P]
+        self.register_buffer("pool_width", torch.tensor(self.pool_bits, dtype=torch.int64), persistent=False)  # [P]
+        self.register_buffer("pool_lengths_index", torch.tensor([BIT_WIDTHS.index(b) for b in self.pool_bits]), persistent=False)  # [P]
+        cost = [self.cache_config.row_format(b).bits_per_value for b in self.pool_bits]
+        self.register_buffer("pool_cost", torch.tensor(cost, dtype=torch.float64), persistent=False)  # [P] bits/value
+
+    # ---- host-side helpers (eager) ------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self) -> torch.Tensor:
+        """Start a new sequence: zero the bookkeeping (pools are reused, never read past lengths).
+        Also the body of the exported ``reset`` method; returns seq_len [1]."""
+        for name in STATE_BUFFERS:
+            getattr(self, name).zero_()
+        return self.seq_len.clone()
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """Copies of every state buffer, in :meth:`state_names` order (the exported ``state`` method)."""
+        return tuple(getattr(self, n).clone() for n in self.state_names())
+
+    def state_names(self) -> list[str]:
+        return self.pool_names + list(STATE_BUFFERS)
+
+    def check_room(self, t: int) -> None:
+        """Raise ContextOverflowError unless T more tokens fit (the graph itself cannot raise)."""
+        n = int(self.seq_len)
+        if not 1 <= t <= self.chunk_size:
+            raise ValueError(f"a step takes 1..{self.chunk_size} tokens (the exported chunk size), got {t}")
+        if n + t > self.max_seq_len:
+            raise ContextOverflowError(f"context of {n + t} tokens exceeds max_seq_len={self.max_seq_len}; export with a larger max sequence length")
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [N] in chunks of chunk_size, each committed, as Session.feed -> (last logits [V], bits [N])."""
+        ids = ids.reshape(-1)
+        if int(self.seq_len) + ids.numel() > self.max_seq_len:  # all or nothing
+            raise ContextOverflowError(f"{ids.numel()} tokens on top of {int(self.seq_len)} exceed max_seq_len={self.max_seq_len}")
+        bits = []
+        for chunk in ids.split(self.chunk_size):
+            logits, b = self(chunk[None])
+            bits.append(b)
+        return logits[0, -1], torch.cat(bits)
+
+    # ---- the graph ---------------------------------------------------------------------------
+    def _pools(self, layer: int) -> list[torch.Tensor | None]:
+        """One layer's pools in kvq::packed_attention argument order (absent widths None)."""
+        return [self._buffers[n][layer] if n in self._buffers else None for n in POOL_ARGS]
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ H as a linear (H is symmetric): one XNNPACK fully-connected op with a constant
+        weight, where a matmul lowers to expand + batched matmul."""
+        return torch.nn.functional.linear(x, self.rotation) if self.hadamard else x
+
+    def _rarity(self, ids: torch.Tensor) -> torch.Tensor:
+        """RarityTracker.observe: ids [T] -> rarity [T], then counts them (buffer updates)."""
+        t = ids.shape[0]
+        order = torch.arange(t)
+        earlier = order[None, :] < order[:, None]  # [T, T] [i, j]: j before i
+        equal = ids[:, None] == ids[None, :]  # [T, T]
+        same = equal & earlier
+        prev = self.rarity_counts.index_select(0, ids)  # [T] counts before the chunk
+        c = prev + same.long().sum(1)
+        first_here = (prev == 0) & ~same.any(1)  # new to the sequence at i
+        new_before = torch.cumsum(first_here.long(), 0) - first_here.long()
+        n = self.rarity_seen + order
+        v_obs = self.rarity_distinct + new_before
+        rarity = -torch.log((c + 1).float() / (n + v_obs + 1).float())  # [T]
+        # duplicates in the chunk all write the same final count, so write order does not matter
+        self.rarity_counts.index_put_((ids,), prev + equal.long().sum(1))
+        self.rarity_seen.add_(t)
+        self.rarity_distinct.add_(first_here.long().sum())
+        return rarity
+
+    def _window(self, p: int, pool: torch.Tensor, slot: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pool p's write window: (dest [W] slots, src [W] chunk token per slot, new [1, 1, W, 1] bool).
+
+        pool, slot: [T] placement; fill: 0-d filled slots of pool p before the chunk."""
+        cap = self.capacities[p]
+        # W = T when the pool can hold a whole chunk (decode rewrites one row), else its capacity
+        # (static: a symbolic min(T, C) would need a guard): room for every token placed here
+        j = torch.arange(pool.shape[0] if cap >= self.chunk_size else cap)  # [W]
+        dest = (fill + j) % cap  # [W] distinct slots from the fill level on
+        here = (pool[:, None] == p) & ((slot - fill)[:, None] == j[None, :])  # [T, W] token i fills window slot j
+        return dest, here.long().argmax(0), here.any(0)[None, None, :, None]  # new: [1, 1, W, 1]
+
+    def _write(self, name: str, rows: torch.Tensor, dest: torch.Tensor, src: torch.Tensor, new: torch.Tensor) -> None:
+        """rows: [layers, Hkv, T, X] every chunk token in buffer ``name``'s format -> its window."""
+        buf = getattr(self, name)  # [layers, Hkv, C, X]
+        old = buf.index_select(2, dest)  # [layers, Hkv, W, X]
+        # index_put_ on the slot dim, called directly: `buf[:, :, dest] = x` would strip x's leading
+        # size-1 dims (1-layer models), which ExecuTorch's in-place index_put_ kernel rejects
+        torch.ops.aten.index_put_.default(buf, [None, None, dest], torch.where(new, rows.index_select(2, src), old))
+
+    def _commit(self, k: torch.Tensor, v: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        """Place and pack the chunk. k/v: [layers, Hkv, T, D] in the stored basis; want: [T] index
+        into BIT_WIDTHS -> [T] int64 widths used (PackedKVCache.commit's fallback on overflow)."""
+        t = k.shape[2]
+        fill = self.lengths.index_select(0, self.pool_lengths_index)  # [P]
+        pool, slot = place(want, fill, self.pool_caps, self.fallback_ranks)  # [T], [T]
+        for p, b in enumerate(self.pool_bits):
+            window = self._window(p, pool, slot, fill[p])
+            if b == 16:
+                self._write("k16", k.half(), *window)
+                self._write("v16", v.half(), *window)
+                continue
+            for kv, x in (("k", k), ("v", v)):
+                codes, scale, zero = torch.ops.kvq.pack_rows(x, b, self.group_size)  # [layers, Hkv, T, D*b/8 | D/G]
+                for suffix, rows in (("", codes), ("_scale", scale), ("_zero", zero)):
+                    self._write(f"{kv}{b}{suffix}", rows, *window)
+        # bookkeeping, after every read of the old state
+        placed = (pool[:, None] == torch.arange(len(self.pool_bits))[None, :]).long().sum(0)  # [P]
+        self.lengths.index_put_((self.pool_lengths_index,), fill + placed)
+        used = self.pool_width[pool]  # [T]
+        self.token_bits.index_put_((self.seq_len + torch.arange(t),), used.to(torch.int8))
+        self.spent_bits.add_(self.pool_cost[pool].sum())
+        self.seq_len.add_(t)
+        return used
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: [1, T] int64 -> (logits [1, T, V] float32, bits [T] int64).
+
+        The caller keeps seq_len + T <= max_seq_len (see :meth:`check_room`): the graph cannot
+        raise on data, and a call past the end fails (token_bits index out of range) with the
+        cache state undefined."""
+        t = ids.shape[1]
+        torch._check(t <= self.chunk_size, lambda: f"a step takes at most chunk_size={self.chunk_size} tokens, got {t}")
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        m = self.model.model
+        start = self.seq_len.clone()  # [1] (a copy: the buffer itself moves on at commit)
+        positions = start + torch.arange(t)  # [T]
+        h = m.embed_tokens(ids)  # [1, T, hidden]
+        cos, sin = m.rotary_emb(h, positions[None])  # [1, T, D]
+        ks, vs, sum_p2 = [], [], None
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, t, hq, d).transpose(1, 2)  # [1, Hq, T, D]
+            k = attn.k_proj(x).view(1, t, hkv, d).transpose(1, 2)  # [1, Hkv, T, D]
+            v = attn.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            # the cache holds rotated K/V: attend in that basis, rotate the output back (H = H^T = H^-1)
+            q, k, v = self._rotate(q), self._rotate(k), self._rotate(v)
+            ks.append(k[0]), vs.append(v[0])
+            o, sum_p2 = torch.ops.kvq.packed_attention(
+                q.contiguous(), k.contiguous(), v.contiguous(), self.lengths, *self._pools(i), self.scale, self.group_size
+            )  # o: [1, Hq, T, D], sum_p2: [1, Hq, T]
+            o = self._rotate(o)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, hq * d))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(m.norm(h)).float()  # [1, T, V]
+
+        # ---- features, as Session.features computes them (sum_p2 is the final layer's)
+        feats = {"rarity": self._rarity(ids[0]), "position": positions.float()}
+        needs = set(self.policy.needs)
+        if needs & {"entropy", "confidence"}:
+            logp = torch.log_softmax(logits[0], dim=-1)  # [T, V]
+            prob = logp.exp()
+            feats["entropy"], feats["confidence"] = -(prob * logp).sum(-1), prob.amax(-1)
+        if "attn_var" in needs:
+            n = (start + torch.arange(1, t + 1)).float()  # [T] keys each query sees
+            feats["attn_var"] = (sum_p2[0] / n - 1.0 / (n * n)).mean(0)  # features.attention_variance
+        want = self.policy(feats, self.spent_bits, start + t)  # [T] index into BIT_WIDTHS
+
+        # ---- commit
+        bits = self._commit(torch.stack(ks), torch.stack(vs), want)  # stacks: [layers, Hkv, T, D]
+        return logits, bits

@@ -1,0 +1,84 @@
+"""Run an exported decoder ``.pte`` (see :mod:`export.pte`) from Python with ``executorch.runtime``.
+
+The program keeps the cache; the host only chunks the prompt, checks the context length (the
+graph cannot raise) and picks tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adaptive_kv import ops
+from adaptive_kv.cache import ContextOverflowError
+
+
+class PteDecoder:
+    """One sequence at a time through a decoder .pte: ``feed`` chunks, ``generate`` greedily."""
+
+    def __init__(self, path: str | Path):
+        from executorch.runtime import Runtime
+
+        ops.load_executorch_library()  # the kvq::*.out kernels the program calls
+        self.program = Runtime.get().load_program(str(path))
+        names = self.program.method_names
+        # Load every method up front: loading one initializes the shared bookkeeping buffers.
+        self._methods = {n: self.program.load_method(n) for n in names}
+        self.max_seq_len = self._constant("get_max_seq_len")
+        self.chunk_size = self._constant("get_chunk_size")
+        self.vocab_size = self._constant("get_vocab_size")
+        self.eos_ids = tuple(self._constant("get_eos_ids", all_values=True))
+        self.seq_len = 0
+        self.reset()
+
+    def _constant(self, name: str, all_values: bool = False):
+        out = self._methods[name].execute([])
+        return list(out) if all_values else out[0]
+
+    def has_state_method(self) -> bool:
+        return "state" in self._methods
+
+    def reset(self) -> None:
+        self._methods["reset"].execute([])
+        self.seq_len = 0
+
+    def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: [T] (1 <= T <= chunk_size) -> (logits [T, V], bits [T] widths stored)."""
+        t = ids.numel()
+        if not 1 <= t <= self.chunk_size:
+            raise ValueError(f"a step takes 1..{self.chunk_size} tokens (the exported chunk size), got {t}")
+        if self.seq_len + t > self.max_seq_len:
+            raise ContextOverflowError(f"context of {self.seq_len + t} tokens exceeds the program's max_seq_len={self.max_seq_len}")
+        logits, bits = self._methods["forward"].execute([ids.reshape(1, t).to(torch.int64)])
+        self.seq_len += t
+        return logits[0], bits
+
+    def feed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [N] in chunks of chunk_size -> (last logits [V], bits [N])."""
+        ids = ids.reshape(-1)
+        if self.seq_len + ids.numel() > self.max_seq_len:
+            raise ContextOverflowError(f"{ids.numel()} tokens on top of {self.seq_len} exceed max_seq_len={self.max_seq_len}")
+        bits = []
+        for chunk in ids.split(self.chunk_size):
+            logits, b = self.step(chunk)
+            bits.append(b)
+        return logits[-1], torch.cat(bits)
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Greedy: prefill ``prompt``, then up to ``max_new_tokens`` tokens, each committed."""
+        logits, _ = self.feed(prompt)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            tok = int(logits.argmax())
+            out.append(tok)
+            if tok in self.eos_ids or i == max_new_tokens - 1 or self.seq_len >= self.max_seq_len:
+                break
+            logits, _ = self.step(torch.tensor([tok]))
+        return out
+
+    def state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The cache state, by ExportableDecoder.state_names() (needs a program exported with state_method=True)."""
+        if "state" not in self._methods:
+            raise RuntimeError("this .pte has no `state` method; export it with state_method=True")
+        return dict(zip(names, (t.clone() for t in self._methods["state"].execute([]))))
