@@ -60,9 +60,9 @@ class PrecisionController(nn.Module):
 
     def class_costs(self) -> torch.Tensor:
         """[C] storage bits per value of each class (scales included, group 64)."""
-        from .formats import RowFormat
+        from .formats import nominal_bits_per_value
 
-        return torch.tensor([RowFormat(b, 64, 64).bits_per_value for b in self.meta.class_bits])
+        return torch.tensor([nominal_bits_per_value(b) for b in self.meta.class_bits])
 
     def priced_scores(self, features: torch.Tensor, price: float) -> torch.Tensor:
         """[T, F] -> [T, C] log p_k - price * cost_k."""

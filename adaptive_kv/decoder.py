@@ -24,6 +24,7 @@ from .attention import attend_blocks
 from .cache import PackedKVCache
 from .features import attention_variance
 from .hadamard import rotate
+from .model import head_dim_of
 
 
 class ModelConfigError(ValueError):
@@ -63,7 +64,7 @@ class PackedLlama(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim_of(cfg)
         self.vocab_size = cfg.vocab_size
         self.max_positions = cfg.max_position_embeddings
         self.scale = self.head_dim**-0.5

@@ -68,6 +68,11 @@ class RowFormat:
         return 8.0 * self.row_bytes / self.head_dim
 
 
+def nominal_bits_per_value(bits: int, head_dim: int = 64, group_size: int = 64) -> float:
+    """Storage bits per value of one width, scales included (4 -> 4.5 at group 64): the class costs."""
+    return RowFormat(bits, head_dim, group_size).bits_per_value
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: [..., G] integers in [0, 2**bits) -> packed uint8 [..., G * bits // 8] (split halves)."""
     if bits == 8:

@@ -107,9 +107,13 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return model
 
 
+def head_dim_of(config) -> int:
+    """Per-head width of a llama config (explicit ``head_dim`` or hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def model_id(model: LlamaForCausalLM) -> str:
     """Identity a controller is checked against: architecture dims + vocabulary size
     (a controller's features and damage scale are specific to them)."""
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return f"llama:L{c.num_hidden_layers}:d{c.hidden_size}:h{c.num_attention_heads}/{c.num_key_value_heads}x{head_dim}:v{c.vocab_size}"
+    return f"llama:L{c.num_hidden_layers}:d{c.hidden_size}:h{c.num_attention_heads}/{c.num_key_value_heads}x{head_dim_of(c)}:v{c.vocab_size}"

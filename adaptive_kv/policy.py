@@ -16,7 +16,7 @@ from .cache import CacheLayout
 from .controller import PrecisionController
 from .allocation import price_to_fit
 from .features import TokenFeatures
-from .formats import RowFormat
+from .formats import nominal_bits_per_value  # noqa: F401  (re-exported: the class cost table)
 
 POLICY_NAMES = ("fp16", "static-8", "static-4", "static-2", "rule", "sink-recent", "learned", "oracle")
 
@@ -202,8 +202,3 @@ DEFAULT_CONTROLLER = "smollm2-135m-4.0.safetensors"
 def default_controller_path() -> Path:
     """The controller shipped in the package (SmolLM2-135M, 4.0 bits; command in controllers/README.md)."""
     return Path(__file__).parent / "controllers" / DEFAULT_CONTROLLER
-
-
-def nominal_bits_per_value(bits: int, head_dim: int = 64, group_size: int = 64) -> float:
-    """Storage bits per value of one width, scales included (4 -> 4.5 at group 64)."""
-    return RowFormat(bits, head_dim, group_size).bits_per_value

@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .formats import fake_quantize
 from .hadamard import rotate
+from .model import head_dim_of
 
 
 def stored(x: torch.Tensor, bits: int, hadamard: bool, group_size: int = 64) -> torch.Tensor:
@@ -33,7 +34,7 @@ def stored(x: torch.Tensor, bits: int, hadamard: bool, group_size: int = 64) -> 
 def _dims(model: LlamaForCausalLM) -> tuple[int, int, int, float]:
     cfg = model.config
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    d = head_dim_of(cfg)
     return hq, hkv, d, d**-0.5
 
 

@@ -27,7 +27,7 @@ from .allocation import exact, price_to_fit
 from .controller import ControllerMeta, PrecisionController
 from .decoder import PackedLlama
 from .features import FEATURE_NAMES, TokenFeatures
-from .formats import BIT_WIDTHS, RowFormat
+from .formats import BIT_WIDTHS, nominal_bits_per_value
 from .sensitivity import first_order_damage
 from .session import Session, SessionConfig
 
@@ -117,7 +117,7 @@ class _FeatureRecorder:
 
 
 def class_costs(group_size: int = 64, head_dim: int = 64) -> np.ndarray:
-    return np.array([RowFormat(b, head_dim, group_size).bits_per_value for b in BIT_WIDTHS])
+    return np.array([nominal_bits_per_value(b, head_dim, group_size) for b in BIT_WIDTHS])
 
 
 def collect(

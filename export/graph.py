@@ -32,6 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from adaptive_kv.cache import CacheConfig, CacheLayout, ContextOverflowError, PackedKVCache
 from adaptive_kv.formats import BIT_WIDTHS
 from adaptive_kv.hadamard import hadamard_matrix
+from adaptive_kv.model import head_dim_of
 from adaptive_kv.ops import POOL_ARGS  # importing ops also registers torch.ops.kvq
 
 from .graph_policy import graph_policy
@@ -87,7 +88,7 @@ class ExportableDecoder(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim_of(cfg)
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
