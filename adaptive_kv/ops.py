@@ -20,13 +20,16 @@ ExecuTorch program calls):
     kvq::packed_attention(Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths,
                           Tensor? k2, Tensor? k2_scale, Tensor? k2_zero, Tensor? v2, Tensor? v2_scale, Tensor? v2_zero,
                           ... the same six for 4 and 8 bits ..., Tensor? k16, Tensor? v16,
-                          float scale, int group_size=64) -> (Tensor, Tensor)
+                          float scale, int group_size=64, int layer=-1) -> (Tensor, Tensor)
         q: [B, Hq, T, D], k_chunk / v_chunk: [B, Hkv, T, D] float32 (the current chunk, attended
         causally); pools: one layer of :class:`~adaptive_kv.cache.PackedKVCache` (``k4``: uint8
         [Hkv, C, D*4/8], ``k4_scale``: fp16 [Hkv, C, D/G], ``k16``: fp16 [Hkv, C, D], ...), absent
         pools None; lengths: int64 [4], the filled slots of the 2-, 4-, 8- and 16-bit pools (a
-        tensor, so it stays dynamic in an exported graph). Returns out [B, Hq, T, D] float32 and
-        sum_p2 [B, Hq, T] (sum_j p_j^2 of each query row). Query head h uses KV head h // (Hq/Hkv).
+        tensor, so it stays dynamic in an exported graph). With ``layer >= 0`` the pools are every
+        layer's ([layers, Hkv, C, ...], the cache's own buffers) and layer ``layer`` is read in place
+        (an exported graph that selected the layer itself would copy it on every call). Returns out
+        [B, Hq, T, D] float32 and sum_p2 [B, Hq, T] (sum_j p_j^2 of each query row). Query head h
+        uses KV head h // (Hq/Hkv).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ POOL_ARGS: tuple[str, ...] = tuple(
 
 _POOL_SCHEMA = ", ".join(f"Tensor? {name}" for name in POOL_ARGS)
 _PACK_ARGS = "Tensor x, int bits, int group_size=64"
-_ATTN_ARGS = f"Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths, {_POOL_SCHEMA}, float scale, int group_size=64"
+_ATTN_ARGS = f"Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths, {_POOL_SCHEMA}, float scale, int group_size=64, int layer=-1"
 
 torch.library.define("kvq::pack_rows", f"({_PACK_ARGS}) -> (Tensor, Tensor, Tensor)")
 torch.library.define(
@@ -109,12 +112,12 @@ def _attention_shapes(q, k_chunk, v_chunk, lengths, pools: Mapping[str, torch.Te
             _check(x.dtype == dt and tuple(x.shape) == want, f"{n} must be {dt} {list(want)}, got {x.dtype} {tuple(x.shape)}")
 
 
-_ATTN_NAMES = ("q", "k_chunk", "v_chunk", "lengths", *POOL_ARGS, "scale", "group_size")
+_ATTN_NAMES = ("q", "k_chunk", "v_chunk", "lengths", *POOL_ARGS, "scale", "group_size", "layer")
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
     """packed_attention arguments by name (the dispatcher may pass any of them as keywords)."""
-    bound = {n: None for n in POOL_ARGS} | {"group_size": 64}
+    bound = {n: None for n in POOL_ARGS} | {"group_size": 64, "layer": -1}
     bound.update(zip(_ATTN_NAMES, args))
     bound.update(kwargs)
     return bound
@@ -124,6 +127,11 @@ def _attention_call(args: tuple, kwargs: dict):
     """-> (q, k_chunk, v_chunk, lengths, pools, scale, group_size), shapes validated."""
     a = _bind(args, kwargs)
     pools = {n: a[n] for n in POOL_ARGS}
+    if a["layer"] >= 0:  # whole-model pools: read one layer
+        for n, x in pools.items():
+            if x is not None:
+                _check(x.dim() >= 2 and a["layer"] < x.shape[0], f"layer={a['layer']}: {n} must be [layers, Hkv, capacity, X] with more layers, got {tuple(x.shape)}")
+                pools[n] = x[a["layer"]]
     _attention_shapes(a["q"], a["k_chunk"], a["v_chunk"], a["lengths"], pools, a["group_size"])
     return a["q"], a["k_chunk"], a["v_chunk"], a["lengths"], pools, a["scale"], a["group_size"]
 
@@ -301,9 +309,11 @@ def packed_attention(
     lengths: torch.Tensor,
     scale: float,
     group_size: int = 64,
+    layer: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention over one layer's pools (see the module docstring) -> (out, sum_p2)."""
+    """Fused attention over one layer's pools, or layer ``layer`` of whole-model pools (see the
+    module docstring) -> (out, sum_p2)."""
     unknown = set(pools) - set(POOL_ARGS)
     if unknown:
         raise ValueError(f"unknown pool tensors {sorted(unknown)}; expected names from {POOL_ARGS}")
-    return torch.ops.kvq.packed_attention(q, k_chunk, v_chunk, lengths, *(pools.get(n) for n in POOL_ARGS), scale, group_size)
+    return torch.ops.kvq.packed_attention(q, k_chunk, v_chunk, lengths, *(pools.get(n) for n in POOL_ARGS), scale, group_size, layer)

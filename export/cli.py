@@ -50,7 +50,7 @@ class _Errors(click.Group):
         try:
             return super().invoke(ctx)
         except (ValueError, FileNotFoundError) as e:
-            err.print(f"[bold red]error:[/] {e}")
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
             sys.exit(2)
 
 
@@ -209,3 +209,141 @@ def train_controller(model, data_specs, window, max_windows, budget, features, a
     for k, v in rep.items():
         table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     Console().print(table)
+
+
+@main.command("export")
+@click.option("--model", default=None, help="HF checkpoint folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
+@click.option("--policy", default="learned", show_default=True, help="fp16, static-8, static-4, static-2, rule or learned.")
+@click.option("--controller", default=None, type=click.Path(), help="Controller file for --policy learned (default: the bundled SmolLM2-135M one).")
+@click.option("--kv-budget-bits", "budget", default=None, type=float, help="KV memory budget in bits/value for rule / learned (default: the controller's).")
+@click.option("--weights", default="fp32", show_default=True, help="fp32, or 8da4w (int8 dynamic activations x int4 weights, XNNPACK).")
+@click.option("--max-seq-len", default=2048, show_default=True, help="Context the cache holds, in tokens (prompt + generated).")
+@click.option("--chunk-size", default=32, show_default=True, help="Most tokens one forward call takes (prefill chunk).")
+@click.option("--hadamard/--no-hadamard", default=True, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_size, hadamard, out, force, as_json):
+    """Export a device bundle: model.pte (model + packed cache + features + controller), tokenizer, manifest."""
+    import logging
+
+    from .pipeline import ExportOptions, export_bundle
+
+    opts = ExportOptions(out=out, model=model, policy=policy, controller=controller, budget_bits=budget, weights=weights,
+                         max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, force=force)
+    logging.getLogger("export").setLevel(logging.INFO)
+    with err.status("export") as status:
+        handler = _StatusHandler(status)
+        logging.getLogger("export").addHandler(handler)
+        try:
+            manifest = export_bundle(opts, status=lambda msg: (status.update(msg), err.log(msg)))
+        finally:
+            logging.getLogger("export").removeHandler(handler)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    _print_manifest(manifest, out, verified=True)
+
+
+class _StatusHandler:
+    """Export stage log lines -> the console (timestamps) and the spinner."""
+
+    level = 0
+
+    def __init__(self, status):
+        self.status = status
+
+    def handle(self, record) -> None:
+        msg = record.getMessage()
+        err.log(msg)
+        self.status.update(msg)
+
+
+def _print_manifest(m: dict, path: Path, verified: bool) -> None:
+    pol, cache, model = m["policy"], m["cache"], m["model"]
+    budget = f" @ {pol['kv_budget_bits']} bits/value" if pol.get("kv_budget_bits") else ""
+    head = Table(title=f"bundle {path}" + (" (checksums verified)" if verified else ""), show_header=False)
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("model", f"{model['id']} ({model['source']})")
+    head.add_row("policy", pol["name"] + budget + (f", controller {pol['controller']['file']}" if "controller" in pol else ""))
+    head.add_row("weights", m["weights"]["scheme"])
+    head.add_row("context", f"{cache['max_seq_len']} tokens, chunks of {cache['chunk_size']}, group {cache['group_size']}, "
+                            f"hadamard {'on' if cache['hadamard'] else 'off'}")
+    head.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    if m.get("export_seconds"):
+        head.add_row("export", ", ".join(f"{k} {v:.0f} s" for k, v in m["export_seconds"].items()))
+    Console().print(head)
+    pools = Table(title="KV cache pools")
+    for col in ("bits", "capacity (tokens)", "bytes/token", "allocated"):
+        pools.add_column(col, justify="right")
+    for p in cache["pools"]:
+        pools.add_row(str(p["bits"]), f"{p['capacity_tokens']:,}", f"{p['bytes_per_token']:,}", f"{p['bytes_allocated'] / 1e6:.1f} MB")
+    pools.add_row("total", "", "", f"{cache['bytes_allocated'] / 1e6:.1f} MB (fp16 cache: {cache['fp16_bytes_same_context'] / 1e6:.1f} MB)")
+    Console().print(pools)
+    files = Table(title="files")
+    for col in ("file", "bytes", "sha256"):
+        files.add_column(col, justify="right" if col == "bytes" else "left")
+    for name, e in m["files"].items():
+        files.add_row(name, f"{e['bytes']:,}", e["sha256"][:16] + "…")
+    Console().print(files)
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(bundle_dir, as_json):
+    """Print a bundle's manifest and verify every file's checksum."""
+    from .bundle import verify
+
+    b = verify(bundle_dir)
+    if as_json:
+        click.echo(json.dumps(b.manifest, indent=2))
+        return
+    _print_manifest(b.manifest, bundle_dir, verified=True)
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed (temperature > 0).")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--threads", default=None, type=int, help="ExecuTorch thread pool size (default: one per core).")
+@click.option("--json", "as_json", is_flag=True, help="Print text and statistics as JSON instead of streaming.")
+def run(bundle_dir, prompt, max_new_tokens, temperature, seed, chat, threads, as_json):
+    """Generate from a bundle's model.pte in the ExecuTorch runtime (checksums verified first)."""
+    from .bundle_runner import BundleRunner
+
+    if max_new_tokens < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-new-tokens")
+    with err.status(f"loading {bundle_dir} ..."):
+        runner = BundleRunner(bundle_dir, threads=threads)
+    ids = runner.encode(prompt, chat)
+    tok = runner.tokenizer
+    shown: list[int] = []
+    printed = ""
+
+    def stream(token: int) -> None:  # decode the whole tail: multi-byte characters span tokens
+        nonlocal printed
+        shown.append(token)
+        if token in runner.decoder.eos_ids:
+            return
+        text = tok.decode(shown, skip_special_tokens=True)
+        if not as_json:
+            click.echo(text[len(printed):], nl=False)
+        printed = text
+
+    out, stats = runner.generate(ids, max_new_tokens, temperature, seed, on_token=stream)
+    if as_json:
+        click.echo(json.dumps({"text": printed, "tokens": out, **stats.to_dict(),
+                               "kv_bits_per_value": stats.kv_bits_per_value(runner.values_per_token)}, indent=2))
+        return
+    click.echo()
+    pol = runner.bundle.manifest["policy"]
+    err.print(f"prefill {stats.prompt_tokens} tokens: {stats.prefill_tok_s:.1f} tok/s · decode {stats.new_tokens} tokens: "
+              f"{stats.decode_tok_s:.1f} tok/s (stopped: {stats.stopped}; {pol['name']}, {runner.bundle.manifest['weights']['scheme']} weights)")
+    used = ", ".join(f"{b}-bit {stats.kv_tokens_by_bits[b]} tok / {stats.kv_bytes_by_bits[b]:,} B" for b in sorted(stats.kv_bytes_by_bits))
+    err.print(f"KV cache in use: {used}; {sum(stats.kv_bytes_by_bits.values()):,} B at "
+              f"{stats.kv_bits_per_value(runner.values_per_token):.2f} bits/value (allocated {stats.kv_bytes_allocated:,} B)")

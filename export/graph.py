@@ -10,7 +10,9 @@ ExecuTorch program keeps them between calls:
   ``k16``: fp16 [layers, Hkv, C_16, D], ...);
 - ``lengths`` int64 [4] (filled slots per width 2/4/8/16, the packed_attention argument),
   ``seq_len`` int64 [1], ``token_bits`` int8 [max_seq_len], ``spent_bits`` float64 [1];
-- ``rarity_counts`` int64 [vocab], ``rarity_seen`` / ``rarity_distinct`` int64 [1].
+- ``rarity_counts`` int64 [vocab] with ``rarity_sequence`` int64 [vocab] (the sequence number a
+  count belongs to: a new sequence bumps ``sequence`` [1] instead of clearing the vocab-sized
+  counts on every call), ``rarity_seen`` / ``rarity_distinct`` int64 [1].
 
 Attention is ``kvq::packed_attention`` over one layer's pools plus the chunk (one node per layer);
 packing is ``kvq::pack_rows`` (one node per packed width). Writes are ``index_put_`` on the slot
@@ -45,14 +47,22 @@ class ExportConfigError(ValueError):
 
 # The bookkeeping buffers (token_bits: int8 [max_seq_len], the width each position is stored at):
 # small, and the only state a new sequence must start from zero (pools are read below lengths only).
-STATE_BUFFERS: tuple[str, ...] = ("lengths", "seq_len", "token_bits", "spent_bits", "rarity_counts", "rarity_seen", "rarity_distinct")
+STATE_BUFFERS: tuple[str, ...] = (
+    "lengths", "seq_len", "token_bits", "spent_bits", "rarity_counts", "rarity_sequence", "rarity_seen", "rarity_distinct", "sequence",
+)
+# What forward zeroes when input_pos is 0 (token_bits is written before it is read; the counts are
+# dropped by bumping `sequence`).
+RESTART_BUFFERS: tuple[str, ...] = ("lengths", "seq_len", "spent_bits", "rarity_seen", "rarity_distinct")
 
 
 class ExportableDecoder(nn.Module):
     """One decoder step of ``model`` over a packed cache laid out for ``policy``.
 
-    forward(ids [1, T]) -> (logits [1, T, V] float32, bits [T] int64 widths the tokens were stored at),
-    1 <= T <= chunk_size; tokens sit at positions seq_len .. seq_len + T - 1.
+    forward(tokens [1, T], input_pos [1]) -> logits [1, T, V] float32, 1 <= T <= chunk_size: the
+    signature ExecuTorch's LLM runners call. The tokens sit at positions seq_len .. seq_len + T - 1
+    of the program's own cache; input_pos must be that seq_len, or 0 to start a new sequence (what
+    a stock runner passes after its reset). The width each token was stored at lands in
+    ``token_bits`` (see :meth:`step`).
     """
 
     def __init__(
@@ -107,6 +117,8 @@ class ExportableDecoder(nn.Module):
         self.register_buffer("seq_len", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("spent_bits", torch.zeros(1, dtype=torch.float64))  # sum of bits/value over cached tokens
         self.register_buffer("rarity_counts", torch.zeros(self.vocab_size, dtype=torch.int64))
+        self.register_buffer("rarity_sequence", torch.zeros(self.vocab_size, dtype=torch.int64))
+        self.register_buffer("sequence", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("rarity_seen", torch.zeros(1, dtype=torch.int64))
         self.register_buffer("rarity_distinct", torch.zeros(1, dtype=torch.int64))
 
@@ -117,6 +129,7 @@ class ExportableDecoder(nn.Module):
         self.register_buffer("pool_caps", torch.tensor(self.capacities, dtype=torch.int64), persistent=False)  # [P]
         self.register_buffer("pool_width", torch.tensor(self.pool_bits, dtype=torch.int64), persistent=False)  # [P]
         self.register_buffer("pool_lengths_index", torch.tensor([BIT_WIDTHS.index(b) for b in self.pool_bits]), persistent=False)  # [P]
+        self.register_buffer("pool_onehot", torch.nn.functional.one_hot(self.pool_lengths_index, len(BIT_WIDTHS)), persistent=False)  # [P, 4]
         cost = [self.cache_config.row_format(b).bits_per_value for b in self.pool_bits]
         self.register_buffer("pool_cost", torch.tensor(cost, dtype=torch.float64), persistent=False)  # [P] bits/value
 
@@ -136,6 +149,20 @@ class ExportableDecoder(nn.Module):
     def state_names(self) -> list[str]:
         return self.pool_names + list(STATE_BUFFERS)
 
+    def token_widths(self) -> torch.Tensor:
+        """Copy of token_bits: int8 [max_seq_len], the width each position is stored at (0: empty);
+        the body of the exported ``token_bits`` method."""
+        return self.token_bits.clone()
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [T] at the end of the sequence -> (logits [T, V], bits [T] int64 widths stored)."""
+        ids = ids.reshape(-1)
+        self.check_room(ids.numel())
+        start = int(self.seq_len)
+        logits = self(ids[None], self.seq_len.clone())
+        return logits[0], self.token_bits[start : start + ids.numel()].long()
+
     def check_room(self, t: int) -> None:
         """Raise ContextOverflowError unless T more tokens fit (the graph itself cannot raise)."""
         n = int(self.seq_len)
@@ -152,38 +179,42 @@ class ExportableDecoder(nn.Module):
             raise ContextOverflowError(f"{ids.numel()} tokens on top of {int(self.seq_len)} exceed max_seq_len={self.max_seq_len}")
         bits = []
         for chunk in ids.split(self.chunk_size):
-            logits, b = self(chunk[None])
+            logits, b = self.step(chunk)
             bits.append(b)
-        return logits[0, -1], torch.cat(bits)
+        return logits[-1], torch.cat(bits)
 
     # ---- the graph ---------------------------------------------------------------------------
-    def _pools(self, layer: int) -> list[torch.Tensor | None]:
-        """One layer's pools in kvq::packed_attention argument order (absent widths None)."""
-        return [self._buffers[n][layer] if n in self._buffers else None for n in POOL_ARGS]
+    def _pools(self) -> list[torch.Tensor | None]:
+        """Every layer's pools in kvq::packed_attention argument order (absent widths None); the op
+        takes the layer index, so the program reads them in place instead of copying a slice."""
+        return [self._buffers.get(n) for n in POOL_ARGS]
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x @ H as a linear (H is symmetric): one XNNPACK fully-connected op with a constant
         weight, where a matmul lowers to expand + batched matmul."""
         return torch.nn.functional.linear(x, self.rotation) if self.hadamard else x
 
-    def _rarity(self, ids: torch.Tensor) -> torch.Tensor:
-        """RarityTracker.observe: ids [T] -> rarity [T], then counts them (buffer updates)."""
+    def _rarity(self, ids: torch.Tensor, now: dict[str, torch.Tensor]) -> torch.Tensor:
+        """RarityTracker.observe: ids [T] -> rarity [T], then counts them (buffer updates).
+        ``now``: the bookkeeping of this call (see :meth:`_bookkeeping`)."""
         t = ids.shape[0]
         order = torch.arange(t)
         earlier = order[None, :] < order[:, None]  # [T, T] [i, j]: j before i
         equal = ids[:, None] == ids[None, :]  # [T, T]
         same = equal & earlier
-        prev = self.rarity_counts.index_select(0, ids)  # [T] counts before the chunk
+        current = self.rarity_sequence.index_select(0, ids) == now["sequence"]  # [T] counted in this sequence
+        prev = torch.where(current, self.rarity_counts.index_select(0, ids), 0)  # [T] counts before the chunk
         c = prev + same.long().sum(1)
         first_here = (prev == 0) & ~same.any(1)  # new to the sequence at i
         new_before = torch.cumsum(first_here.long(), 0) - first_here.long()
-        n = self.rarity_seen + order
-        v_obs = self.rarity_distinct + new_before
+        n = now["rarity_seen"] + order
+        v_obs = now["rarity_distinct"] + new_before
         rarity = -torch.log((c + 1).float() / (n + v_obs + 1).float())  # [T]
         # duplicates in the chunk all write the same final count, so write order does not matter
         self.rarity_counts.index_put_((ids,), prev + equal.long().sum(1))
-        self.rarity_seen.add_(t)
-        self.rarity_distinct.add_(first_here.long().sum())
+        self.rarity_sequence.index_put_((ids,), now["sequence"].expand(t))
+        self.rarity_seen.copy_(now["rarity_seen"] + t)
+        self.rarity_distinct.copy_(now["rarity_distinct"] + first_here.long().sum())
         return rarity
 
     def _window(self, p: int, pool: torch.Tensor, slot: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -206,11 +237,11 @@ class ExportableDecoder(nn.Module):
         # size-1 dims (1-layer models), which ExecuTorch's in-place index_put_ kernel rejects
         torch.ops.aten.index_put_.default(buf, [None, None, dest], torch.where(new, rows.index_select(2, src), old))
 
-    def _commit(self, k: torch.Tensor, v: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    def _commit(self, k: torch.Tensor, v: torch.Tensor, want: torch.Tensor, now: dict[str, torch.Tensor]) -> torch.Tensor:
         """Place and pack the chunk. k/v: [layers, Hkv, T, D] in the stored basis; want: [T] index
         into BIT_WIDTHS -> [T] int64 widths used (PackedKVCache.commit's fallback on overflow)."""
         t = k.shape[2]
-        fill = self.lengths.index_select(0, self.pool_lengths_index)  # [P]
+        fill = now["lengths"].index_select(0, self.pool_lengths_index)  # [P]
         pool, slot = place(want, fill, self.pool_caps, self.fallback_ranks)  # [T], [T]
         for p, b in enumerate(self.pool_bits):
             window = self._window(p, pool, slot, fill[p])
@@ -224,24 +255,36 @@ class ExportableDecoder(nn.Module):
                     self._write(f"{kv}{b}{suffix}", rows, *window)
         # bookkeeping, after every read of the old state
         placed = (pool[:, None] == torch.arange(len(self.pool_bits))[None, :]).long().sum(0)  # [P]
-        self.lengths.index_put_((self.pool_lengths_index,), fill + placed)
+        self.lengths.copy_(now["lengths"] + placed @ self.pool_onehot)  # [P] @ [P, 4] -> [4]
         used = self.pool_width[pool]  # [T]
-        self.token_bits.index_put_((self.seq_len + torch.arange(t),), used.to(torch.int8))
-        self.spent_bits.add_(self.pool_cost[pool].sum())
-        self.seq_len.add_(t)
+        self.token_bits.index_put_((now["seq_len"] + torch.arange(t),), used.to(torch.int8))
+        self.spent_bits.copy_(now["spent_bits"] + self.pool_cost[pool].sum())
+        self.seq_len.copy_(now["seq_len"] + t)
+        self.sequence.copy_(now["sequence"])
         return used
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids: [1, T] int64 -> (logits [1, T, V] float32, bits [T] int64).
+    def _bookkeeping(self, input_pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This call's view of the small state: zeroed when input_pos is 0 (reset() inside the
+        graph), and a new sequence number. Values, not in-place updates: the buffers are written
+        once, at the end of the call (an in-place update followed by another write of the same
+        buffer miscompiles to garbage in ExecuTorch 1.5's memory planning)."""
+        fresh = input_pos == 0  # [1]
+        now = {name: getattr(self, name) * (~fresh).to(getattr(self, name).dtype) for name in RESTART_BUFFERS}
+        now["sequence"] = self.sequence + fresh.long()
+        return now
 
-        The caller keeps seq_len + T <= max_seq_len (see :meth:`check_room`): the graph cannot
-        raise on data, and a call past the end fails (token_bits index out of range) with the
-        cache state undefined."""
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """ids: [1, T] int64, input_pos: [1] int64 -> logits [1, T, V] float32.
+
+        The caller keeps seq_len + T <= max_seq_len (see :meth:`check_room`) and passes
+        input_pos = seq_len (or 0: new sequence): the graph cannot raise on data, and a call past
+        the end fails (token_bits index out of range) with the cache state undefined."""
         t = ids.shape[1]
+        now = self._bookkeeping(input_pos)
         torch._check(t <= self.chunk_size, lambda: f"a step takes at most chunk_size={self.chunk_size} tokens, got {t}")
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         m = self.model.model
-        start = self.seq_len.clone()  # [1] (a copy: the buffer itself moves on at commit)
+        start = now["seq_len"]  # [1]
         positions = start + torch.arange(t)  # [T]
         h = m.embed_tokens(ids)  # [1, T, hidden]
         cos, sin = m.rotary_emb(h, positions[None])  # [1, T, D]
@@ -257,7 +300,7 @@ class ExportableDecoder(nn.Module):
             q, k, v = self._rotate(q), self._rotate(k), self._rotate(v)
             ks.append(k[0]), vs.append(v[0])
             o, sum_p2 = torch.ops.kvq.packed_attention(
-                q.contiguous(), k.contiguous(), v.contiguous(), self.lengths, *self._pools(i), self.scale, self.group_size
+                q.contiguous(), k.contiguous(), v.contiguous(), now["lengths"], *self._pools(), self.scale, self.group_size, i
             )  # o: [1, Hq, T, D], sum_p2: [1, Hq, T]
             o = self._rotate(o)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, hq * d))
@@ -265,7 +308,7 @@ class ExportableDecoder(nn.Module):
         logits = self.model.lm_head(m.norm(h)).float()  # [1, T, V]
 
         # ---- features, as Session.features computes them (sum_p2 is the final layer's)
-        feats = {"rarity": self._rarity(ids[0]), "position": positions.float()}
+        feats = {"rarity": self._rarity(ids[0], now), "position": positions.float()}
         needs = set(self.policy.needs)
         if needs & {"entropy", "confidence"}:
             logp = torch.log_softmax(logits[0], dim=-1)  # [T, V]
@@ -274,8 +317,8 @@ class ExportableDecoder(nn.Module):
         if "attn_var" in needs:
             n = (start + torch.arange(1, t + 1)).float()  # [T] keys each query sees
             feats["attn_var"] = (sum_p2[0] / n - 1.0 / (n * n)).mean(0)  # features.attention_variance
-        want = self.policy(feats, self.spent_bits, start + t)  # [T] index into BIT_WIDTHS
+        want = self.policy(feats, now["spent_bits"], start + t)  # [T] index into BIT_WIDTHS
 
         # ---- commit
-        bits = self._commit(torch.stack(ks), torch.stack(vs), want)  # stacks: [layers, Hkv, T, D]
-        return logits, bits
+        self._commit(torch.stack(ks), torch.stack(vs), want, now)  # stacks: [layers, Hkv, T, D]
+        return logits

@@ -5,19 +5,21 @@ Stages (each logged with its time): build the decoder (and quantize its linears 
 ``to_executorch``, write (temp file, then rename).
 
 The program's methods:
-- ``forward(ids [1, T]) -> (logits [1, T, V], bits [T])``, 1 <= T <= chunk_size (dynamic);
+- ``forward(tokens [1, T], input_pos [1]) -> logits [1, T, V]``, 1 <= T <= chunk_size (dynamic):
+  the signature ExecuTorch's LLM runners (``TextLLMRunner``) call; input_pos 0 starts a new sequence;
+- ``token_bits() -> int8 [max_seq_len]``: the width each cached position is stored at (0: empty);
 - ``reset() -> seq_len [1]``: start a new sequence;
 - ``state()`` (only with ``state_method=True``, for tests and debugging): copies of every
   state buffer, in ``ExportableDecoder.state_names()`` order;
-- constant methods ExecuTorch's LLM runners read (``get_max_seq_len``, ``get_bos_id``,
-  ``get_eos_ids``, ``get_vocab_size``, ``use_kv_cache``, ...) plus the KV plan
-  (``kv_pool_bits``, ``kv_pool_capacities``, ``kv_group_size``, ``kv_hadamard``, ``get_chunk_size``).
+- constant methods ExecuTorch's LLM runners read, with their meanings: ``get_max_seq_len`` = the
+  most tokens one forward call takes (the prefill chunk), ``get_max_context_len`` = the cache's
+  capacity in tokens, ``get_bos_id``, ``get_eos_ids``, ``get_vocab_size``, ``use_kv_cache``,
+  ``enable_dynamic_shape``; plus the KV plan (``kv_pool_bits``, ``kv_pool_capacities``,
+  ``kv_group_size``, ``kv_hadamard``, ``get_chunk_size``).
 
 The cache lives in the program as mutable buffers shared by all methods
 (``share_mutable_buffers``); the bookkeeping buffers carry their zero initial state in the
 program (``InitializedMutableBufferPass``), the pools need none (never read past ``lengths``).
-Note: ``forward`` returns two outputs, so ExecuTorch's stock ``TextDecoderRunner`` (which checks
-for exactly one) cannot drive it; :mod:`export.pte_runner` does.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class PteReport:
     bytes: int
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
     methods: tuple[str, ...] = ()
+    decoder: ExportableDecoder | None = None  # the eager module that was exported (its state untouched)
 
 
 @contextlib.contextmanager
@@ -128,7 +131,7 @@ def metadata(decoder: ExportableDecoder, tokenizer=None) -> dict:
     """Constant methods: what ExecuTorch's LLM runners read, plus the KV precision plan."""
     bos = getattr(tokenizer, "bos_token_id", None)
     return {
-        "get_max_seq_len": decoder.max_seq_len,
+        "get_max_seq_len": decoder.chunk_size,  # per forward call, as TextLLMRunner's prefill reads it
         "get_max_context_len": decoder.max_seq_len,
         "get_vocab_size": decoder.vocab_size,
         "get_bos_id": -1 if bos is None else int(bos),
@@ -146,15 +149,16 @@ def metadata(decoder: ExportableDecoder, tokenizer=None) -> dict:
 
 
 def export_programs(decoder: ExportableDecoder, state_method: bool = False) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export of forward (dynamic T in 1..chunk_size), reset and optionally state (tracing
-    runs on fake tensors: the decoder's own state is left as it was)."""
+    """torch.export of forward (dynamic T in 1..chunk_size), token_bits, reset and optionally state
+    (tracing runs on fake tensors: the decoder's own state is left as it was)."""
     t_max = decoder.chunk_size
-    example = torch.zeros(1, min(2, t_max), dtype=torch.int64)
-    dynamic = ({1: torch.export.Dim("t", min=1, max=t_max)},) if t_max > 1 else None
+    example = (torch.zeros(1, min(2, t_max), dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    dynamic = ({1: torch.export.Dim("t", min=1, max=t_max)}, None) if t_max > 1 else None
     with torch.no_grad():
-        programs = {"forward": torch.export.export(decoder, (example,), dynamic_shapes=dynamic)}
-        with _as_forward(decoder, decoder.reset) as m:
-            programs["reset"] = torch.export.export(m, ())
+        programs = {"forward": torch.export.export(decoder, example, dynamic_shapes=dynamic)}
+        for name, fn in (("token_bits", decoder.token_widths), ("reset", decoder.reset)):
+            with _as_forward(decoder, fn) as m:
+                programs[name] = torch.export.export(m, ())
         if state_method:
             with _as_forward(decoder, decoder.state) as m:
                 programs["state"] = torch.export.export(m, ())
@@ -220,4 +224,4 @@ def export_pte(
         data = program.buffer
         write_atomically(data, out)
     log.info("wrote %s (%.1f MB)", out, len(data) / 1e6)
-    return PteReport(out, len(data), seconds, tuple(programs) + tuple(metadata(decoder, tokenizer)))
+    return PteReport(out, len(data), seconds, tuple(programs) + tuple(metadata(decoder, tokenizer)), decoder)

@@ -25,8 +25,8 @@ class PteDecoder:
         names = self.program.method_names
         # Load every method up front: loading one initializes the shared bookkeeping buffers.
         self._methods = {n: self.program.load_method(n) for n in names}
-        self.max_seq_len = self._constant("get_max_seq_len")
-        self.chunk_size = self._constant("get_chunk_size")
+        self.max_seq_len = self._constant("get_max_context_len")  # cache capacity
+        self.chunk_size = self._constant("get_max_seq_len")  # most tokens per forward call
         self.vocab_size = self._constant("get_vocab_size")
         self.eos_ids = tuple(self._constant("get_eos_ids", all_values=True))
         self.seq_len = 0
@@ -50,9 +50,13 @@ class PteDecoder:
             raise ValueError(f"a step takes 1..{self.chunk_size} tokens (the exported chunk size), got {t}")
         if self.seq_len + t > self.max_seq_len:
             raise ContextOverflowError(f"context of {self.seq_len + t} tokens exceeds the program's max_seq_len={self.max_seq_len}")
-        logits, bits = self._methods["forward"].execute([ids.reshape(1, t).to(torch.int64)])
-        self.seq_len += t
-        return logits[0], bits
+        (logits,) = self._methods["forward"].execute([ids.reshape(1, t).to(torch.int64), torch.tensor([self.seq_len])])
+        start, self.seq_len = self.seq_len, self.seq_len + t
+        return logits[0], self.token_bits()[start : self.seq_len].long()
+
+    def token_bits(self) -> torch.Tensor:
+        """int8 [max_seq_len]: the width each cached position is stored at (0: empty)."""
+        return self._methods["token_bits"].execute([])[0]
 
     def feed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [N] in chunks of chunk_size -> (last logits [V], bits [N])."""

@@ -107,15 +107,15 @@ void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
 // kvq::packed_attention.out(Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths,
 //     Tensor? k2, Tensor? k2_scale, Tensor? k2_zero, Tensor? v2, Tensor? v2_scale, Tensor? v2_zero,
 //     (the same six for 4 and 8 bits), Tensor? k16, Tensor? v16, float scale, int group_size=64,
-//     *, Tensor(a!) out, Tensor(b!) sum_p2) -> (Tensor(a!), Tensor(b!))
-constexpr size_t kAttnPools = 20, kAttnIn = 4 + kAttnPools + 2, kAttnOut = 2;
+//     int layer=-1, *, Tensor(a!) out, Tensor(b!) sum_p2) -> (Tensor(a!), Tensor(b!))
+constexpr size_t kAttnPools = 20, kAttnIn = 4 + kAttnPools + 3, kAttnOut = 2;
 
 void packed_attention_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ET_KERNEL_CHECK_MSG(ctx, stack.size() == kAttnIn + kAttnOut || stack.size() == kAttnIn + kAttnOut + 1, InvalidProgram, ,
                       "kvq::packed_attention.out: %zu arguments", stack.size());
-  ET_KERNEL_CHECK_MSG(ctx, stack[24]->isDouble() && stack[25]->isInt(), InvalidArgument, ,
-                      "kvq::packed_attention.out: scale must be a float and group_size an int");
-  ET_KERNEL_CHECK_MSG(ctx, stack[26]->isTensor() && stack[27]->isTensor(), InvalidArgument, ,
+  ET_KERNEL_CHECK_MSG(ctx, stack[24]->isDouble() && stack[25]->isInt() && stack[26]->isInt(), InvalidArgument, ,
+                      "kvq::packed_attention.out: scale must be a float, group_size and layer ints");
+  ET_KERNEL_CHECK_MSG(ctx, stack[27]->isTensor() && stack[28]->isTensor(), InvalidArgument, ,
                       "kvq::packed_attention.out: out and sum_p2 must be tensors");
   kvq::TensorDesc pools[kvq::kNumWidths][kvq::kPoolSlots];
   for (int w = 0; w < 3; ++w)
@@ -124,10 +124,10 @@ void packed_attention_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) 
   pools[3][3] = describe(*stack[23]);  // v16
   kvq::AttentionArgs a;
   if (!ok_or_fail(ctx, kvq::make_attention_args(describe(*stack[0]), describe(*stack[1]), describe(*stack[2]), describe(*stack[3]), pools,
-                                                 stack[24]->toDouble(), stack[25]->toInt(), a)))
+                                                 stack[24]->toDouble(), stack[25]->toInt(), stack[26]->toInt(), a)))
     return;
-  Tensor& out = stack[26]->toTensor();
-  Tensor& sum_p2 = stack[27]->toTensor();
+  Tensor& out = stack[27]->toTensor();
+  Tensor& sum_p2 = stack[28]->toTensor();
   using S = executorch::aten::SizesType;
   ET_KERNEL_CHECK(ctx, resize(out, {S(a.batch), S(a.q_heads), S(a.chunk_len), S(a.head_dim)}), InvalidArgument, );
   ET_KERNEL_CHECK(ctx, resize(sum_p2, {S(a.batch), S(a.q_heads), S(a.chunk_len)}), InvalidArgument, );

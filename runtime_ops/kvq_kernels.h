@@ -372,11 +372,47 @@ inline Error expect_pack_out(const TensorDesc& out, const TensorDesc& x, const c
 constexpr int kPoolSlots = 6;
 constexpr const char* kSlotNames[kPoolSlots] = {"k", "k_scale", "k_zero", "v", "v_scale", "v_zero"};
 
+inline int64_t element_size(DType d) {
+  switch (d) {
+    case DType::kFloat: return 4;
+    case DType::kHalf: return 2;
+    case DType::kByte: return 1;
+    case DType::kLong: return 8;
+    default: return 0;
+  }
+}
+
+// A whole-model pool [layers, ...] -> its layer `layer` (a view: no copy). Passing the whole
+// buffer plus an index lets an exported program read the cache in place, where a select in the
+// graph becomes a copy of the layer's pools on every call.
+inline Error select_layer(TensorDesc& t, int64_t layer) {
+  if (!t.present) return Error{};
+  if (t.dim < 2) return make_error("with layer=%lld the pools must be [layers, Hkv, capacity, X], got %d dims", (long long)layer, t.dim);
+  if (layer >= t.sizes[0]) return make_error("layer=%lld outside the pools' %lld layers", (long long)layer, (long long)t.sizes[0]);
+  if (!t.contiguous) return make_error("with layer=%lld the pools must be contiguous", (long long)layer);
+  const int64_t per_layer = t.sizes[0] ? t.numel() / t.sizes[0] : 0;
+  if (t.data) t.data = static_cast<const char*>(t.data) + layer * per_layer * element_size(t.dtype);
+  for (int i = 1; i < t.dim; ++i) t.sizes[i - 1] = t.sizes[i];
+  --t.dim;
+  return Error{};
+}
+
 // Validates every input of packed_attention and fills `a` (all but the outputs).
 // q: [B, Hq, T, D] f32; k_chunk, v_chunk: [B, Hkv, T, D] f32; lengths: [4] int64 (filled slots of
-// the 2-, 4-, 8- and 16-bit pools); pools as documented on `Pool`.
+// the 2-, 4-, 8- and 16-bit pools); pools as documented on `Pool`, or, with layer >= 0, every
+// layer's pools [layers, Hkv, capacity, X] of which `layer` is read (layer < 0: one layer given).
 inline Error make_attention_args(const TensorDesc& q, const TensorDesc& k_chunk, const TensorDesc& v_chunk, const TensorDesc& lengths,
-                                 const TensorDesc (&pool)[kNumWidths][kPoolSlots], double scale, int64_t group_size, AttentionArgs& a) {
+                                 const TensorDesc (&all_pools)[kNumWidths][kPoolSlots], double scale, int64_t group_size, int64_t layer,
+                                 AttentionArgs& a) {
+  TensorDesc pool[kNumWidths][kPoolSlots];
+  for (int w = 0; w < kNumWidths; ++w)
+    for (int i = 0; i < kPoolSlots; ++i) {
+      pool[w][i] = all_pools[w][i];
+      if (layer >= 0) {
+        Error e = select_layer(pool[w][i], layer);
+        if (!e.ok()) return e;
+      }
+    }
   const int64_t any4[4] = {-1, -1, -1, -1};
   Error e = expect_tensor(q, "q", DType::kFloat, 4, any4);
   if (!e.ok()) return e;

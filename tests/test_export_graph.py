@@ -73,6 +73,8 @@ def cache_state(cache: PackedKVCache, rarity) -> dict[str, torch.Tensor]:
     state["seq_len"] = torch.tensor([cache.seq_len])
     state["spent_bits"] = torch.tensor([cache.spent_bits()], dtype=torch.float64)
     state |= {"rarity_counts": rarity.counts.clone(), "rarity_seen": torch.tensor([rarity.seen]), "rarity_distinct": torch.tensor([rarity.distinct])}
+    # the first sequence since load is number 1; its tokens' counts are tagged with it
+    state |= {"sequence": torch.tensor([1]), "rarity_sequence": (rarity.counts > 0).long()}
     return state
 
 
@@ -112,13 +114,13 @@ def test_eager_decoder_matches_session(tiny_model, name):
     ref_logits = session.feed(prompt, logits="all")  # [30, V], chunks of 8
     logits, bits = [], []
     for chunk in prompt.split(CHUNK):
-        lg, b = dec(chunk[None])
-        logits.append(lg[0]), bits.append(b)
+        lg, b = dec.step(chunk)
+        logits.append(lg), bits.append(b)
     assert (torch.cat(logits) - ref_logits).abs().max() <= 1e-3
     for t in steps:  # decode: one token per commit
-        lg, b = dec(t[None, None])
+        lg, b = dec.step(t[None])
         bits.append(b)
-        assert (lg[0, -1] - session.feed(t[None], logits="last")).abs().max() <= 1e-3
+        assert (lg[-1] - session.feed(t[None], logits="last")).abs().max() <= 1e-3
     assert torch.cat(bits).tolist() == session.cache.stored_bits().tolist()
     assert_same_state({n: getattr(dec, n) for n in dec.state_names()}, cache_state(session.cache, session.rarity))
     if name != "static-4":
@@ -177,7 +179,18 @@ def test_unsupported_policies_and_layouts_are_rejected(tiny_model):
     with pytest.raises(ContextOverflowError, match="max_seq_len=16"):
         dec.feed(IDS[:17])
     with pytest.raises(RuntimeError, match="at most chunk_size=8"):
-        dec(IDS[:9][None])
+        dec(IDS[:9][None], torch.zeros(1, dtype=torch.int64))
+
+
+def test_input_pos_zero_starts_a_new_sequence(tiny_model):
+    """What ExecuTorch's stock runner does after its reset(): call forward at position 0 again."""
+    dec = ExportableDecoder(tiny_model, POLICIES["rule"](), MAX_SEQ, chunk_size=CHUNK)
+    first = dec(IDS[:8][None], torch.tensor([0]))
+    dec(IDS[8:12][None], torch.tensor([8]))
+    assert int(dec.seq_len) == 12
+    again = dec(IDS[:8][None], torch.tensor([0]))
+    assert torch.equal(first, again) and int(dec.seq_len) == 8
+    assert int(dec.lengths.sum()) == 8 and int(dec.rarity_seen) == 8
 
 
 # ---- torch.export ---------------------------------------------------------------------------
@@ -195,14 +208,20 @@ def test_export_keeps_kvq_ops_single_nodes_and_state_mutable(tiny_model, learned
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.kvq.packed_attention.default) == dec.num_layers  # one fused node per layer
     assert targets.count(torch.ops.kvq.pack_rows.default) == 2 * 3  # K and V at 2, 4 and 8 bits
+    # pools are read in place by packed_attention (whole buffers + layer index) and touched by the
+    # commit's W-slot window only: no op that would copy a layer's pools on every call
+    pool_inputs = {i for i, buf in ep.graph_signature.inputs_to_buffers.items() if buf in dec.pool_names}
+    users = {u.target for n in ep.graph.nodes if n.name in pool_inputs for u in n.users}
+    assert users <= {torch.ops.kvq.packed_attention.default, torch.ops.aten.index_select.default, torch.ops.aten.index_put_.default}, users
     mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
     assert mutated == set(dec.state_names())  # every pool and counter is program state
     assert set(programs["reset"].run_decompositions().graph_signature.buffers_to_mutate.values()) == set(STATE_BUFFERS)
     # the graph (dynamic T) behaves like the module, state included
     graph, eager = ep.module(), ExportableDecoder(tiny_model, policy, MAX_SEQ, chunk_size=CHUNK)
     for chunk in (IDS[:8], IDS[8:11], IDS[11:12], IDS[12:13]):
-        (lg, b), (lg_ref, b_ref) = graph(chunk[None]), eager(chunk[None])
-        assert (lg - lg_ref).abs().max() <= 1e-5 and torch.equal(b, b_ref)
+        pos = eager.seq_len.clone()
+        lg, lg_ref = graph(chunk[None], pos), eager(chunk[None], pos)
+        assert (lg - lg_ref).abs().max() <= 1e-5 and torch.equal(graph.token_bits, eager.token_bits)
     assert torch.equal(graph.lengths, eager.lengths) and torch.equal(graph.token_bits, eager.token_bits)
 
 
@@ -224,8 +243,8 @@ def test_pte_matches_eager_step_by_step(tiny_model, learned_pte):
     used = []
     for chunk in [IDS[:8], IDS[8:16], IDS[16:21]] + list(IDS[21:33].split(1)):  # prefill, then decode
         logits, bits = pte.step(chunk)
-        ref_logits, ref_bits = eager(chunk[None])
-        assert (logits - ref_logits[0]).abs().max() <= 1e-3
+        ref_logits, ref_bits = eager.step(chunk)
+        assert (logits - ref_logits).abs().max() <= 1e-3
         assert torch.equal(bits, ref_bits)
         state = pte.state(names)
         assert_same_state(state, {n: getattr(eager, n) for n in names})
@@ -242,13 +261,18 @@ def test_pte_reset_metadata_and_overflow(tiny_model, learned_pte):
     pte = PteDecoder(path)
     names = ExportableDecoder(tiny_model, policy, MAX_SEQ, chunk_size=CHUNK).state_names()
     assert (pte.max_seq_len, pte.chunk_size, pte.vocab_size) == (MAX_SEQ, CHUNK, 512)
-    constants = {n: pte._constant(n, all_values=True) for n in ("use_kv_cache", "kv_pool_bits", "kv_group_size", "get_n_layers")}
-    assert constants == {"use_kv_cache": [True], "kv_pool_bits": [2, 4, 8, 16], "kv_group_size": [64], "get_n_layers": [2]}
+    constants = {n: pte._constant(n, all_values=True) for n in ("use_kv_cache", "kv_pool_bits", "kv_group_size", "get_n_layers", "get_max_seq_len", "get_max_context_len")}
+    assert constants == {"use_kv_cache": [True], "kv_pool_bits": [2, 4, 8, 16], "kv_group_size": [64], "get_n_layers": [2],
+                         "get_max_seq_len": [CHUNK], "get_max_context_len": [MAX_SEQ]}  # TextLLMRunner's meanings
     first = pte.feed(IDS[:20])
     pte.reset()
     assert int(pte.state(names)["seq_len"]) == 0
     again = pte.feed(IDS[:20])
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    pte.seq_len = 0  # what a stock runner does: forward at position 0 again, no reset call
+    restarted = pte.feed(IDS[:20])
+    assert torch.equal(first[0], restarted[0]) and torch.equal(first[1], restarted[1])
+    assert int(pte.state(names)["seq_len"]) == 20
     with pytest.raises(ContextOverflowError, match="max_seq_len=64"):
         pte.feed(torch.zeros(MAX_SEQ - 19, dtype=torch.int64))
     with pytest.raises(ValueError, match="1..8 tokens"):
@@ -267,5 +291,5 @@ def test_8da4w_pte_runs_the_quantized_model(tmp_path):
     quantized, float_ref = build_decoder(model, policy, config), build_decoder(model, policy, PteConfig(max_seq_len=32, chunk_size=4))
     for chunk in (IDS[:4], IDS[4:5]):
         logits, _ = pte.step(chunk)
-        (q, _), (f, _) = quantized(chunk[None]), float_ref(chunk[None])
-        assert (logits - q[0]).abs().max() < 0.25 * (f - q).abs().max()
+        (q, _), (f, _) = quantized.step(chunk), float_ref.step(chunk)
+        assert (logits - q).abs().max() < 0.25 * (f - q).abs().max()

@@ -139,6 +139,27 @@ def test_packed_attention_matches_decoder_attention():
     assert (sp - state.sum_p_squared().view(2, 9, 4)).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_layer_index_reads_whole_model_pools_in_place(isa):
+    """layer=i over [layers, ...] pools == the call on layer i's slice, for the kernel and the reference."""
+    g = torch.Generator().manual_seed(11)
+    cache = PackedKVCache(CacheConfig(3, 3, D, CacheLayout(60, ((2, 20), (4, 20), (8, 10), (16, 10)))))
+    cache.commit(torch.randn(3, 3, 40, D, generator=g), torch.randn(3, 3, 40, D, generator=g), [2, 4, 8, 16] * 10)
+    whole = dict(cache.named_buffers())
+    pools = {n: whole[n] for n in ops.POOL_ARGS if n in whole}
+    q, kc, vc = torch.randn(1, 9, 3, D, generator=g), torch.randn(1, 3, 3, D, generator=g), torch.randn(1, 3, 3, D, generator=g)
+    with isa_ctx(isa):
+        for layer in range(3):
+            sliced, lengths = ops.cache_pools(cache, layer)
+            want = ops.packed_attention(q, kc, vc, sliced, lengths, D**-0.5)
+            got = ops.packed_attention(q, kc, vc, pools, lengths, D**-0.5, layer=layer)
+            ref = ops.reference_packed_attention(q, kc, vc, lengths, *(pools.get(n) for n in ops.POOL_ARGS), D**-0.5, 64, layer)
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert all((a - r).abs().max().item() <= TOL for a, r in zip(got, ref))
+        with pytest.raises(RuntimeError, match="layer=3 outside"):
+            ops.packed_attention(q, kc, vc, pools, lengths, D**-0.5, layer=3)
+
+
 def test_packed_attention_threads_do_not_change_the_result():
     cache = filled_cache(MIXES["all four, long"], seed=5)
     pools, lengths = ops.cache_pools(cache, 0)

