@@ -8,7 +8,7 @@ WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench bench-pte clean
 
 KVQ_LIB := runtime_ops/build/libkvq_aten.so
 KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp) runtime_ops/CMakeLists.txt runtime_ops/build.py
@@ -36,8 +36,35 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" tests
 
-demo: setup
-	$(VENV)/bin/kvexport generate --policy static-4 --prompt "Give me three tips for staying healthy." --max-new-tokens 48
+# The default device bundle: SmolLM2-135M-Instruct + the bundled learned controller (4.0 bits/value).
+DEMO_BUNDLE := bundles/smollm2-135m-learned
+
+$(DEMO_BUNDLE)/manifest.json: | setup
+	$(VENV)/bin/kvexport export --out $(DEMO_BUNDLE) --force
+
+demo: setup $(DEMO_BUNDLE)/manifest.json
+	$(VENV)/bin/kvexport run $(DEMO_BUNDLE) --prompt "Give me three tips for staying healthy." --max-new-tokens 64
+
+# Host microbenchmarks (minutes): the attention kernel vs fp32 SDPA, eager decode fused vs reference.
+bench: setup
+	$(PY) bench/bench_attention.py
+	$(PY) bench/bench_decode.py --depth 4096 --threads 1
+
+# End to end (about an hour on 2 cores, mostly exports): .pte decode at 4096 tokens of context,
+# adaptive vs fp16 cache (same bundle otherwise) vs transformers' stock export, 8da4w and fp32 weights.
+BENCH_CTX := 4160
+bundles/bench-%-8da4w/manifest.json: | setup
+	$(VENV)/bin/kvexport export --policy $* --weights 8da4w --max-seq-len $(BENCH_CTX) --out bundles/bench-$*-8da4w --force
+bundles/bench-%-fp32/manifest.json: | setup
+	$(VENV)/bin/kvexport export --policy $* --weights fp32 --max-seq-len $(BENCH_CTX) --out bundles/bench-$*-fp32 --force
+bundles/stock-%.pte: | setup
+	$(PY) bench/stock_executorch.py --weights $* --max-seq-len $(BENCH_CTX) --out $@
+bench-pte: bundles/bench-learned-8da4w/manifest.json bundles/bench-fp16-8da4w/manifest.json bundles/stock-8da4w.pte \
+           bundles/bench-learned-fp32/manifest.json bundles/bench-fp16-fp32/manifest.json bundles/stock-fp32.pte
+	$(PY) bench/bench_pte_decode.py --bundle adaptive-8da4w=bundles/bench-learned-8da4w --bundle fp16cache-8da4w=bundles/bench-fp16-8da4w \
+	    --stock stock-8da4w=bundles/stock-8da4w.pte --depth 4096 --threads 1 --out pte_decode_8da4w
+	$(PY) bench/bench_pte_decode.py --bundle adaptive-fp32=bundles/bench-learned-fp32 --bundle fp16cache-fp32=bundles/bench-fp16-fp32 \
+	    --stock stock-fp32=bundles/stock-fp32.pte --depth 4096 --threads 1 --out pte_decode_fp32
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info runtime_ops/build bundles

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -81,14 +80,10 @@ def export_stock_pte(model, max_seq_len: int, weights: str, out_path) -> dict:
     data = edge.to_executorch().buffer
     seconds["to_executorch"] = time.perf_counter() - t0
 
+    from export.pte import write_atomically
+
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)  # readers never see a half-written program
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(data, out)  # readers never see a half-written program
     example = {"input_ids": input_ids, "cache_position": cache_position}
     return {
         "path": str(out),

@@ -231,18 +231,25 @@ def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_si
 
     opts = ExportOptions(out=out, model=model, policy=policy, controller=controller, budget_bits=budget, weights=weights,
                          max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, force=force)
-    logging.getLogger("export").setLevel(logging.INFO)
+    logger = logging.getLogger("export")
+    logger.setLevel(logging.INFO)
     with err.status("export") as status:
         handler = _StatusHandler(status)
-        logging.getLogger("export").addHandler(handler)
+        logger.addHandler(handler)
+        logger.propagate = False  # stage lines once, on our console (libraries configure the root logger)
         try:
-            manifest = export_bundle(opts, status=lambda msg: (status.update(msg), err.log(msg)))
+            manifest = export_bundle(opts, status=lambda msg: (status.update(msg), _log(msg)))
         finally:
-            logging.getLogger("export").removeHandler(handler)
+            logger.removeHandler(handler)
+            logger.propagate = True
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     _print_manifest(manifest, out, verified=True)
+
+
+def _log(msg: str) -> None:
+    err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", soft_wrap=True, highlight=False)
 
 
 class _StatusHandler:
@@ -255,7 +262,7 @@ class _StatusHandler:
 
     def handle(self, record) -> None:
         msg = record.getMessage()
-        err.log(msg)
+        _log(msg)
         self.status.update(msg)
 
 

@@ -150,8 +150,8 @@ class ExportableDecoder(nn.Module):
         return self.pool_names + list(STATE_BUFFERS)
 
     def token_widths(self) -> torch.Tensor:
-        """Copy of token_bits: int8 [max_seq_len], the width each position is stored at (0: empty);
-        the body of the exported ``token_bits`` method."""
+        """Copy of token_bits: int8 [max_seq_len], the width each position < seq_len is stored at
+        (later entries are stale); the body of the exported ``token_bits`` method."""
         return self.token_bits.clone()
 
     @torch.no_grad()

@@ -136,8 +136,7 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
             "methods": {
                 "forward": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, T, vocab]; "
                            "1 <= T <= get_max_seq_len; input_pos = tokens already cached, 0 starts a new sequence",
-                "token_bits": "token_bits() -> int8 [max_seq_len]: width each cached position is stored at (0: empty)",
-                "reset": "reset() -> int64 [1]: forget the sequence",
+                "token_bits": "token_bits() -> int8 [max_seq_len]: width each cached position < the sequence length is stored at",
                 "constants": metadata(decoder, tok),
             },
             "runtime": {

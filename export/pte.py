@@ -7,8 +7,10 @@ Stages (each logged with its time): build the decoder (and quantize its linears 
 The program's methods:
 - ``forward(tokens [1, T], input_pos [1]) -> logits [1, T, V]``, 1 <= T <= chunk_size (dynamic):
   the signature ExecuTorch's LLM runners (``TextLLMRunner``) call; input_pos 0 starts a new sequence;
-- ``token_bits() -> int8 [max_seq_len]``: the width each cached position is stored at (0: empty);
-- ``reset() -> seq_len [1]``: start a new sequence;
+- ``token_bits() -> int8 [max_seq_len]``: the width each cached position is stored at (entries past the sequence are stale);
+  (no ``reset`` method: calling forward at input_pos 0 is the reset, as for stock runners; a
+  second state-mutating method also made ExecuTorch 1.5 emit a program whose ``reset`` failed
+  to load, "offset index out of range", for the fp16-pool SmolLM2 layout);
 - ``state()`` (only with ``state_method=True``, for tests and debugging): copies of every
   state buffer, in ``ExportableDecoder.state_names()`` order;
 - constant methods ExecuTorch's LLM runners read, with their meanings: ``get_max_seq_len`` = the
@@ -18,8 +20,11 @@ The program's methods:
   ``kv_group_size``, ``kv_hadamard``, ``get_chunk_size``).
 
 The cache lives in the program as mutable buffers shared by all methods
-(``share_mutable_buffers``); the bookkeeping buffers carry their zero initial state in the
-program (``InitializedMutableBufferPass``), the pools need none (never read past ``lengths``).
+(``share_mutable_buffers``). The program needs no initial state: forward at input_pos 0 zeroes
+the bookkeeping, the pools are never read past ``lengths``, token_bits is written before it is
+read, and rarity counts count only when tagged with the current sequence number (initial
+values would need ExecuTorch's InitializedMutableBufferPass, whose offsets 1.5 emits wrong for
+a second method sharing the buffers: "offset index 63 out of range" at load).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .graph import STATE_BUFFERS, ExportableDecoder
+from .graph import ExportableDecoder
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +154,14 @@ def metadata(decoder: ExportableDecoder, tokenizer=None) -> dict:
 
 
 def export_programs(decoder: ExportableDecoder, state_method: bool = False) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export of forward (dynamic T in 1..chunk_size), token_bits, reset and optionally state
+    """torch.export of forward (dynamic T in 1..chunk_size), token_bits and optionally state
     (tracing runs on fake tensors: the decoder's own state is left as it was)."""
     t_max = decoder.chunk_size
     example = (torch.zeros(1, min(2, t_max), dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     dynamic = ({1: torch.export.Dim("t", min=1, max=t_max)}, None) if t_max > 1 else None
     with torch.no_grad():
         programs = {"forward": torch.export.export(decoder, example, dynamic_shapes=dynamic)}
-        for name, fn in (("token_bits", decoder.token_widths), ("reset", decoder.reset)):
+        for name, fn in (("token_bits", decoder.token_widths),):
             with _as_forward(decoder, fn) as m:
                 programs[name] = torch.export.export(m, ())
         if state_method:
@@ -170,7 +175,6 @@ def lower(programs: dict[str, torch.export.ExportedProgram], constants: dict, se
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     seconds = {} if seconds is None else seconds
@@ -179,7 +183,6 @@ def lower(programs: dict[str, torch.export.ExportedProgram], constants: dict, se
     with _stage("to_executorch", seconds):
         return edge.to_executorch(
             ExecutorchBackendConfig(
-                passes=[InitializedMutableBufferPass(list(STATE_BUFFERS))],  # zero bookkeeping at load
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
                 emit_mutable_buffer_names=True,
                 run_reinplace_pass=True,  # index_put on the pools -> index_put_: writes the window, not a copy of the pool

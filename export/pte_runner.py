@@ -40,7 +40,7 @@ class PteDecoder:
         return "state" in self._methods
 
     def reset(self) -> None:
-        self._methods["reset"].execute([])
+        """Start a new sequence: the next forward runs at input_pos 0, which restarts the program's cache."""
         self.seq_len = 0
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,8 @@
 //
 // Storage format (adaptive_kv/formats.py): a row of D values is cut into groups of G; each group
 // has an fp16 scale and zero, x_hat = code * scale + zero. With k = 8/bits codes per byte, byte j
-// of a group holds codes j, j + G/k, ..., j + (k-1)G/k at bit offsets 0, bits, ..., so 16
-// consecutive dims of a group are one 16-byte load, one shift and one mask ("split halves").
+// of a group holds codes j, j + G/k, ..., j + (k-1)G/k at bit offsets 0, bits, ..., so 8
+// consecutive dims of a group are one 8-byte load, one shift and one mask ("split halves").
 //
 // Why the attention never dequantizes a row: with q.x_hat = scale * (q.code) + zero * sum(q),
 // scores need one FMA per code and one scalar term per group; likewise the value side
@@ -37,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -480,7 +481,8 @@ inline Error make_attention_args(const TensorDesc& q, const TensorDesc& k_chunk,
 namespace detail {
 
 constexpr int kTileRows = 4;        // query rows (of one KV head) processed together
-constexpr int kBlock = 32;          // cache tokens per softmax block
+constexpr int kBlock = 64;          // cache tokens per softmax block (32 measured ~15% slower: per-block
+                                    // scalar work; 128 slower with cold caches)
 constexpr int64_t kSplit = 512;     // tokens per work item when a call is split over the cache
 constexpr int kMaxGroups = kMaxHeadDim / 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -621,16 +623,15 @@ struct Avx2 {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
   }
-  // 16 codes of `bits` starting at byte p (shifted by `shift`) -> two float vectors.
-  static void codes16(const uint8_t* p, int shift, int mask, F& lo, F& hi) {
-    __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    x = _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(shift)), _mm_set1_epi8(char(mask)));
-    lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
-    hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(x, x)));
-  }
-  static void half16(const uint16_t* p, F& lo, F& hi) {
-    lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  // 8 codes of BITS from the 8 bytes at p, field `shift`: widen to int32 first (vpmovzxbd with
+  // the load fused; the same 8 bytes feed every field, so the compiler loads them once), then
+  // shift and mask (vpand runs on any vector pipe, shifts and widenings compete for two).
+  template <int BITS>
+  static F codes8(const uint8_t* p, int shift) {
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    if (shift) x = _mm256_srli_epi32(x, shift);
+    if (BITS + shift < 8) x = _mm256_and_si256(x, _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(x);
   }
   static F half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 };
@@ -678,55 +679,43 @@ struct Neon {
     return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(y), dead));
   }
   static F exp(F x) { return {exp4(x.a), exp4(x.b)}; }
-  static void codes16(const uint8_t* p, int shift, int mask, F& lo, F& hi) {
-    uint8x16_t x = vld1q_u8(p);
-    x = vandq_u8(vshlq_u8(x, vdupq_n_s8(int8_t(-shift))), vdupq_n_u8(uint8_t(mask)));
-    const uint16x8_t l16 = vmovl_u8(vget_low_u8(x)), h16 = vmovl_high_u8(x);
-    lo = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(l16))), vcvtq_f32_u32(vmovl_high_u16(l16))};
-    hi = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(h16))), vcvtq_f32_u32(vmovl_high_u16(h16))};
+  template <int BITS>
+  static F codes8(const uint8_t* p, int shift) {
+    uint8x8_t x = vld1_u8(p);
+    if (shift) x = vshl_u8(x, vdup_n_s8(int8_t(-shift)));
+    if (BITS + shift < 8) x = vand_u8(x, vdup_n_u8(uint8_t((1 << BITS) - 1)));
+    const uint16x8_t w = vmovl_u8(x);
+    return {vcvtq_f32_u32(vmovl_u16(vget_low_u16(w))), vcvtq_f32_u32(vmovl_high_u16(w))};
   }
   static float32x4_t half4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-  static void half16(const uint16_t* p, F& lo, F& hi) {
-    lo = {half4(p), half4(p + 4)};
-    hi = {half4(p + 8), half4(p + 12)};
-  }
   static F half8(const uint16_t* p) { return {half4(p), half4(p + 4)}; }
 };
 #endif
 
 // ---- the SIMD path: blocks of kBlock tokens, RT rows at once --------------------------------
-// Where the 16 dims [16c, 16c+16) of a row live: byte offset and bit shift (packed rows), so the
-// token loops do no index arithmetic beyond one add.
-struct ChunkMap {
-  int64_t off[kMaxHeadDim / 16];
-  int shift[kMaxHeadDim / 16];
-  ChunkMap(int bits, int64_t D, int64_t G) {
-    for (int64_t c = 0; c < D / 16; ++c) {
-      const int64_t d0 = 16 * c;
-      if (bits > 8) {
-        off[c] = d0 * (bits / 8);
-        shift[c] = 0;
-        continue;
-      }
-      const int64_t lane = G * bits / 8;  // bytes per group = dims per shift lane
-      const int64_t g = d0 / G, dg = d0 % G;
-      off[c] = g * lane + dg % lane;
-      shift[c] = int(bits * (dg / lane));
-    }
-  }
+// Where the 8 dims [8c, 8c+8) of a row live: byte offset and bit field. A packed group of G dims
+// is a "lane" of G*bits/8 bytes and its dim dg sits in byte dg % lane, field dg / lane; lanes are
+// multiples of 16 bytes (simd_layout_ok), so 8 consecutive dims never straddle two fields.
+struct Piece {
+  int64_t off;
+  int shift;
 };
+inline Piece piece(int bits, int64_t G, int64_t c) {
+  const int64_t d0 = 8 * c;
+  if (bits > 8) return {d0 * (bits / 8), 0};
+  const int64_t lane = G * bits / 8, g = d0 / G, dg = d0 % G;
+  return {g * lane + dg % lane, int(bits * (dg / lane))};
+}
 
-// Loads 16 consecutive dims (chunk c) of one row (K or V side) as two vectors.
+// Piece c of one row as 8 floats (raw codes for packed rows; the affine map is applied per group).
 template <class V, int BITS>
-inline void load16(const uint8_t* row, const ChunkMap& cm, int64_t c, typename V::F& lo, typename V::F& hi) {
-  if constexpr (BITS == 32) {
-    lo = V::load(reinterpret_cast<const float*>(row + cm.off[c]));
-    hi = V::load(reinterpret_cast<const float*>(row + cm.off[c]) + 8);
-  } else if constexpr (BITS == 16) {
-    V::half16(reinterpret_cast<const uint16_t*>(row + cm.off[c]), lo, hi);
-  } else {
-    V::codes16(row + cm.off[c], cm.shift[c], (1 << BITS) - 1, lo, hi);
-  }
+inline typename V::F load8(const uint8_t* row, Piece pc) {
+  if constexpr (BITS == 32)
+    return V::load(reinterpret_cast<const float*>(row + pc.off));
+  else if constexpr (BITS == 16)
+    return V::half8(reinterpret_cast<const uint16_t*>(row + pc.off));
+  else
+    return V::template codes8<BITS>(row + pc.off, pc.shift);
 }
 
 // scales / zeros of tokens [tok, tok+n) for group g, as floats in out[0..n) (zero padded to kBlock)
@@ -739,50 +728,86 @@ inline void load_affine(const uint16_t* p, int64_t groups, int64_t tok, int n, i
   for (; j < kBlock; ++j) out[j] = 0.0f;
 }
 
+// Calls fn(c, h) for the pieces c in [c0, c1) (an even count), h = c % 2 as a constant; with
+// FD > 0 fully unrolled with c a constant too, so offsets, shifts and register indices fold.
+template <class Fn, int... I>
+inline void unroll_seq(Fn&& fn, std::integer_sequence<int, I...>) {
+  (fn(std::integral_constant<int, I>{}, std::integral_constant<int, I % 2>{}), ...);
+}
+template <int FD, class Fn>
+inline void for_pieces(int64_t c0, int64_t c1, Fn&& fn) {
+  if constexpr (FD > 0) {
+    unroll_seq(fn, std::make_integer_sequence<int, FD / 8>{});  // c0 = 0, c1 = FD / 8 here
+  } else {
+    for (int64_t c = c0; c < c1; c += 2) {
+      fn(c, std::integral_constant<int, 0>{});
+      fn(c + 1, std::integral_constant<int, 1>{});
+    }
+  }
+}
+
+// The loop nests are shaped by the FMA count: at decode every code feeds RT (= 3 for SmolLM2)
+// FMAs on each side, so the aim is that nothing else (loads, index math, horizontal sums, FMA
+// latency) costs more than those FMAs. Codes are widened straight from memory 8 at a time.
 template <class V, int BITS, int RT, int FD>
 void simd_segment(const SrcView& s, const Segment& seg, int64_t D_, int64_t G_, Tile& w) {
-  // FD > 0: head_dim == group_size == FD at compile time (SmolLM2: 64), so the chunk offsets and
-  // shifts below fold into immediates and the 16-dim chunk loops unroll.
+  // FD > 0: head_dim == group_size == FD at compile time (SmolLM2: 64), so piece offsets and
+  // shifts fold into immediates and the piece loops unroll.
   const int64_t D = FD > 0 ? FD : D_, G = FD > 0 ? FD : G_;
   using F = typename V::F;
   constexpr bool kAffine = BITS <= 8;
-  const ChunkMap cm(BITS, D, G);  // (constant-folded when FD > 0)
   const bool causal = seg.src == 4;
-  const int64_t groups = kAffine ? D / G : 1, gdim = kAffine ? G : D;
+  const int64_t groups = kAffine ? D / G : 1, gpieces = (kAffine ? G : D) / 8, pieces = D / 8;  // gpieces is even
+  Piece pcs[kMaxHeadDim / 8];
+  for (int64_t c = 0; c < pieces; ++c) pcs[c] = piece(BITS, G, c);
+  auto at = [&](int64_t c) { return FD > 0 ? piece(BITS, FD, c) : pcs[c]; };
   alignas(32) float score[RT][kBlock], dot[RT][kBlock], p[RT][kBlock];
   alignas(32) float wv[RT][kMaxGroups][kBlock];  // p * value scale, per group
   alignas(32) float ks[kBlock], kz[kBlock], vs[kBlock], vz[kBlock];
   alignas(32) float part[RT][8][8];
+  // Keys per step: the TK rows share each q load; 2*RT*TK accumulators (even / odd pieces: two
+  // short FMA chains per dot instead of one long one). More keys per step measured slower at
+  // RT >= 2: the extra accumulators crowd out the temporaries and spill.
+  constexpr int TK = RT == 1 ? 2 : 1;
+  // Value pieces per pass: RT*NV accumulators in registers, each broadcast weight serves NV pieces.
+  // (RT = 3: 9 accumulators + 3 weights + 2 temporaries; 12 accumulators would spill one to the
+  // stack, putting a store-load round trip into the chain.)
+  constexpr int NV = RT == 1 ? 8 : RT == 2 ? 4 : RT == 3 ? 3 : 2;
 
   for (int64_t t0 = seg.begin; t0 < seg.end; t0 += kBlock) {
     const int n = int(std::min<int64_t>(kBlock, seg.end - t0));
     // 1) scores[r][j] = q_r . k_j, group by group (for packed rows: scale * (q . code) + zero * sum q)
-    for (int r = 0; r < RT; ++r)
-      for (int j = 0; j < kBlock; ++j) score[r][j] = dot[r][j] = 0.0f;
+    if (n < kBlock)  // the tail's unused lanes must hold finite values (they get -inf below)
+      for (int r = 0; r < RT; ++r) std::fill(dot[r] + n, dot[r] + kBlock, 0.0f);
     for (int64_t g = 0; g < groups; ++g) {
       for (int j0 = 0; j0 < n; j0 += 8) {
         const int cnt = std::min(8, n - j0);
-        for (int jj = 0; jj < cnt; ++jj) {
-          F a0[RT], a1[RT];
-          for (int r = 0; r < RT; ++r) a0[r] = a1[r] = V::zero();
+        auto dots = [&](auto tk_tag, int jj) {  // part[r][jj + t] = 8 partial sums of q_r . k_(j0+jj+t)
+          constexpr int K = decltype(tk_tag)::value;
+          F a[RT][K][2];
+          for (int r = 0; r < RT; ++r)
+            for (int t = 0; t < K; ++t) a[r][t][0] = a[r][t][1] = V::zero();
           const uint8_t* row = s.k + (t0 + j0 + jj) * s.row_bytes;
-          for (int64_t d0 = g * gdim; d0 < (g + 1) * gdim; d0 += 16) {
-            F lo, hi;
-            load16<V, BITS>(row, cm, d0 / 16, lo, hi);
-            for (int r = 0; r < RT; ++r) {
-              a0[r] = V::fma(V::load(w.qs[r] + d0), lo, a0[r]);
-              a1[r] = V::fma(V::load(w.qs[r] + d0 + 8), hi, a1[r]);
+          for_pieces<FD>(g * gpieces, (g + 1) * gpieces, [&](auto c, auto h) {
+            const Piece pc = at(c);
+            for (int t = 0; t < K; ++t) {
+              const F x = load8<V, BITS>(row + t * s.row_bytes, pc);
+              for (int r = 0; r < RT; ++r) a[r][t][h] = V::fma(V::load(w.qs[r] + 8 * c), x, a[r][t][h]);
             }
-          }
-          for (int r = 0; r < RT; ++r) V::store(part[r][jj], V::add(a0[r], a1[r]));
-        }
+          });
+          for (int r = 0; r < RT; ++r)
+            for (int t = 0; t < K; ++t) V::store(part[r][jj + t], V::add(a[r][t][0], a[r][t][1]));
+        };
+        int jj = 0;
+        for (; jj + TK <= cnt; jj += TK) dots(std::integral_constant<int, TK>{}, jj);
+        for (; jj < cnt; ++jj) dots(std::integral_constant<int, 1>{}, jj);
         for (int r = 0; r < RT; ++r) {
           if (cnt == 8) {
             F tmp[8];
             for (int i = 0; i < 8; ++i) tmp[i] = V::load(part[r][i]);
             V::store(dot[r] + j0, V::reduce8(tmp));
           } else {
-            for (int jj = 0; jj < cnt; ++jj) dot[r][j0 + jj] = V::hsum(V::load(part[r][jj]));
+            for (jj = 0; jj < cnt; ++jj) dot[r][j0 + jj] = V::hsum(V::load(part[r][jj]));
           }
         }
       }
@@ -791,12 +816,15 @@ void simd_segment(const SrcView& s, const Segment& seg, int64_t D_, int64_t G_, 
         load_affine<V>(s.kz, groups, t0, n, g, kz);
         for (int r = 0; r < RT; ++r) {
           const F qz = V::set1(w.qsum[r][g]);
-          for (int j = 0; j < kBlock; j += 8)
-            V::store(score[r] + j, V::add(V::load(score[r] + j), V::fma(V::load(ks + j), V::load(dot[r] + j), V::mul(V::load(kz + j), qz))));
+          for (int j = 0; j < kBlock; j += 8) {
+            F sc = V::fma(V::load(ks + j), V::load(dot[r] + j), V::mul(V::load(kz + j), qz));
+            if (g > 0) sc = V::add(V::load(score[r] + j), sc);  // (no zeroing pass over score)
+            V::store(score[r] + j, sc);
+          }
         }
       } else {
         for (int r = 0; r < RT; ++r)
-          for (int j = 0; j < n; ++j) score[r][j] = dot[r][j];
+          for (int j = 0; j < kBlock; j += 8) V::store(score[r] + j, V::load(dot[r] + j));
       }
     }
     // 2) online softmax over the block, per row; masked keys (causal, padding) are -inf
@@ -846,46 +874,34 @@ void simd_segment(const SrcView& s, const Segment& seg, int64_t D_, int64_t G_, 
           for (int j = 0; j < kBlock; ++j) wv[r][g][j] = p[r][j];
       }
     }
-    // C chunks of 16 dims per pass over the block: 2*C*RT accumulators stay in the 16 vector
-    // registers and each weight broadcast serves C chunks. A pass never straddles two groups.
-    auto pass = [&](auto c_tag, int64_t c0) {
-      constexpr int C = decltype(c_tag)::value;
-      const int64_t g = kAffine ? c0 * 16 / G : 0;
-      F a[C][2][RT];
+    // NV pieces per pass over the block; a pass stays inside one group (one weight per token).
+    auto pass = [&](auto nv_tag, int64_t c0) {
+      constexpr int C = decltype(nv_tag)::value;
+      const int64_t g = kAffine ? c0 / gpieces : 0;
+      F a[C][RT];
       for (int k = 0; k < C; ++k)
-        for (int r = 0; r < RT; ++r) {
-          a[k][0][r] = V::load(w.acc[r] + (c0 + k) * 16);
-          a[k][1][r] = V::load(w.acc[r] + (c0 + k) * 16 + 8);
-        }
-      const uint8_t* rows = s.v + t0 * s.row_bytes;
-      for (int j = 0; j < n; ++j) {
+        for (int r = 0; r < RT; ++r) a[k][r] = V::load(w.acc[r] + (c0 + k) * 8);
+      const uint8_t* row = s.v + t0 * s.row_bytes;
+      for (int j = 0; j < n; ++j, row += s.row_bytes) {
         F wj[RT];
         for (int r = 0; r < RT; ++r) wj[r] = V::set1(wv[r][g][j]);
         for (int k = 0; k < C; ++k) {
-          F lo, hi;
-          load16<V, BITS>(rows + j * s.row_bytes, cm, c0 + k, lo, hi);
-          for (int r = 0; r < RT; ++r) {
-            a[k][0][r] = V::fma(wj[r], lo, a[k][0][r]);
-            a[k][1][r] = V::fma(wj[r], hi, a[k][1][r]);
-          }
+          const F x = load8<V, BITS>(row, at(c0 + k));
+          for (int r = 0; r < RT; ++r) a[k][r] = V::fma(wj[r], x, a[k][r]);
         }
       }
       for (int k = 0; k < C; ++k)
-        for (int r = 0; r < RT; ++r) {
-          V::store(w.acc[r] + (c0 + k) * 16, a[k][0][r]);
-          V::store(w.acc[r] + (c0 + k) * 16 + 8, a[k][1][r]);
-        }
+        for (int r = 0; r < RT; ++r) V::store(w.acc[r] + (c0 + k) * 8, a[k][r]);
     };
-    constexpr int kPass = RT == 1 ? 4 : RT == 2 ? 2 : 1;
-    const int64_t chunks = D / 16;
     int64_t c0 = 0;
-    for (; c0 + kPass <= chunks; c0 += kPass) {
-      if (!kAffine || c0 * 16 / G == ((c0 + kPass) * 16 - 1) / G)
-        pass(std::integral_constant<int, kPass>{}, c0);
+    for (; c0 + NV <= pieces; c0 += NV) {
+      if (!kAffine || c0 / gpieces == (c0 + NV - 1) / gpieces)
+        pass(std::integral_constant<int, NV>{}, c0);
       else
-        for (int64_t k = 0; k < kPass; ++k) pass(std::integral_constant<int, 1>{}, c0 + k);
+        for (int64_t k = 0; k < NV; ++k) pass(std::integral_constant<int, 1>{}, c0 + k);
     }
-    for (; c0 < chunks; ++c0) pass(std::integral_constant<int, 1>{}, c0);
+    for (; c0 + 2 <= pieces; c0 += 2) pass(std::integral_constant<int, 2>{}, c0);  // (gpieces is even)
+    if (c0 < pieces) pass(std::integral_constant<int, 1>{}, c0);
   }
 }
 

@@ -79,7 +79,9 @@ def cache_state(cache: PackedKVCache, rarity) -> dict[str, torch.Tensor]:
 
 
 def filled(name: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """A pool's filled slots (what attention reads); other buffers whole."""
+    """A pool's filled slots (what attention reads), token_bits' filled positions; other buffers whole."""
+    if name == "token_bits":
+        return x[: int(lengths.sum())]
     if name in STATE_BUFFERS:
         return x
     return x[:, :, : int(lengths[BIT_WIDTHS.index(int(name[1:].split("_")[0]))])]
@@ -88,7 +90,13 @@ def filled(name: str, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def assert_same_state(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
     """Bookkeeping exactly; pool rows equal but for a rare one off a rounding boundary (module docstring)."""
     lengths = ref["lengths"]
+    # counts live only where tagged with the current sequence (other entries are stale by design)
+    live = {k: (x["rarity_sequence"] == x["sequence"]) for k, x in (("got", got), ("ref", ref))}
+    assert torch.equal(live["got"], live["ref"])
+    assert torch.equal(got["rarity_counts"] * live["got"], ref["rarity_counts"] * live["ref"])
     for n, want in ref.items():
+        if n in ("rarity_counts", "rarity_sequence", "sequence"):  # sequence numbers are relative
+            continue
         a, b = filled(n, got[n], lengths), filled(n, want, lengths)
         if n in STATE_BUFFERS:
             assert torch.equal(a, b), n
@@ -196,7 +204,7 @@ def test_input_pos_zero_starts_a_new_sequence(tiny_model):
 # ---- torch.export ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def learned_programs(tiny_model):
-    """forward, reset and state of the learned-policy decoder, exported once for the module."""
+    """forward, token_bits and state of the learned-policy decoder, exported once for the module."""
     policy = learned_policy()
     decoder = ExportableDecoder(tiny_model, policy, MAX_SEQ, chunk_size=CHUNK)
     return decoder, policy, export_programs(decoder, state_method=True)
@@ -215,7 +223,8 @@ def test_export_keeps_kvq_ops_single_nodes_and_state_mutable(tiny_model, learned
     assert users <= {torch.ops.kvq.packed_attention.default, torch.ops.aten.index_select.default, torch.ops.aten.index_put_.default}, users
     mutated = set(ep.run_decompositions().graph_signature.buffers_to_mutate.values())
     assert mutated == set(dec.state_names())  # every pool and counter is program state
-    assert set(programs["reset"].run_decompositions().graph_signature.buffers_to_mutate.values()) == set(STATE_BUFFERS)
+    assert set(programs) == {"forward", "token_bits", "state"}
+    assert not programs["token_bits"].run_decompositions().graph_signature.buffers_to_mutate  # reads only
     # the graph (dynamic T) behaves like the module, state included
     graph, eager = ep.module(), ExportableDecoder(tiny_model, policy, MAX_SEQ, chunk_size=CHUNK)
     for chunk in (IDS[:8], IDS[8:11], IDS[11:12], IDS[12:13]):
@@ -265,14 +274,13 @@ def test_pte_reset_metadata_and_overflow(tiny_model, learned_pte):
     assert constants == {"use_kv_cache": [True], "kv_pool_bits": [2, 4, 8, 16], "kv_group_size": [64], "get_n_layers": [2],
                          "get_max_seq_len": [CHUNK], "get_max_context_len": [MAX_SEQ]}  # TextLLMRunner's meanings
     first = pte.feed(IDS[:20])
-    pte.reset()
-    assert int(pte.state(names)["seq_len"]) == 0
+    pte.feed(IDS[20:30])
+    before = int(pte.state(names)["sequence"])
+    pte.reset()  # the next forward runs at input_pos 0: what a stock runner does after its reset
     again = pte.feed(IDS[:20])
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    pte.seq_len = 0  # what a stock runner does: forward at position 0 again, no reset call
-    restarted = pte.feed(IDS[:20])
-    assert torch.equal(first[0], restarted[0]) and torch.equal(first[1], restarted[1])
-    assert int(pte.state(names)["seq_len"]) == 20
+    state = pte.state(names)
+    assert int(state["seq_len"]) == 20 and int(state["lengths"].sum()) == 20 and int(state["sequence"]) == before + 1
     with pytest.raises(ContextOverflowError, match="max_seq_len=64"):
         pte.feed(torch.zeros(MAX_SEQ - 19, dtype=torch.int64))
     with pytest.raises(ValueError, match="1..8 tokens"):

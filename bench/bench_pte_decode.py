@@ -1,0 +1,177 @@
+"""End-to-end decode speed of exported programs at a context depth, side by side in one run.
+
+    python bench/bench_pte_decode.py --bundle adaptive=/tmp/bundles/smol-learned-8da4w \
+        --bundle fp16-cache=/tmp/bundles/smol-fp16-8da4w --stock stock=/tmp/stock/stock-8da4w.pte \
+        --depth 4096 --steps 32 --warmup 4 --threads 1
+
+Bundles (kvexport export) are prefilled with ``depth`` tokens of WikiText-2 validation text in
+their own chunks, so a learned policy makes its real choices; then ``steps`` greedy decode steps
+are timed one by one after ``warmup`` untimed ones. The stock program (bench/stock_executorch.py:
+transformers' export, fp32 static cache) attends over its whole cache every step whatever it
+holds, so it is timed at positions depth.. without a prefill. Programs are timed in turns
+(``rounds`` passes over all of them) so background load hits all alike; the median over every
+timed step is reported, with ratios to the first program. JSON (+ a bar plot) to bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from export.bundle_runner import RunStats
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _named(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
+    out = []
+    for s in specs:
+        name, _, path = s.rpartition("=")
+        out.append((name or Path(path).name, Path(path)))
+    return out
+
+
+class BundleProgram:
+    """A bundle prefilled to ``depth``; each timing round decodes from that same depth again."""
+
+    def __init__(self, path: Path, depth: int, text_ids: torch.Tensor):
+        from export.bundle_runner import BundleRunner
+
+        self.runner = BundleRunner(path)
+        self.dec = self.runner.decoder
+        if depth + 1 >= self.dec.max_seq_len:
+            raise click.BadParameter(f"{path}: depth {depth} does not fit its {self.dec.max_seq_len}-token context")
+        self.prompt = text_ids[:depth]
+        self.kv = {}
+
+    def time_steps(self, steps: int, warmup: int) -> list[float]:
+        dec = self.dec
+        dec.reset()
+        logits, _ = dec.feed(self.prompt)
+        tok, times = int(logits.argmax()), []
+        for i in range(warmup + steps):
+            if dec.seq_len >= dec.max_seq_len:
+                break
+            t0 = time.perf_counter()
+            logits, _ = dec.step(torch.tensor([tok]))
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - t0))
+            tok = int(logits.argmax())
+        stats = RunStats(prompt_tokens=len(self.prompt))
+        self.runner.kv_usage(stats)
+        self.kv = {"kv_bytes_in_use": sum(stats.kv_bytes_by_bits.values()), "kv_tokens_by_bits": stats.kv_tokens_by_bits,
+                   "kv_bits_per_value": stats.kv_bits_per_value(self.runner.values_per_token)}
+        return times
+
+    def describe(self) -> dict:
+        m = self.runner.bundle.manifest
+        return {"kind": "bundle", "policy": m["policy"]["name"], "kv_budget_bits": m["policy"].get("kv_budget_bits"),
+                "weights": m["weights"]["scheme"], "max_seq_len": m["cache"]["max_seq_len"], **self.kv}
+
+
+class StockProgram:
+    def __init__(self, path: Path, depth: int):
+        from executorch.runtime import Runtime
+
+        self.path, self.depth = path, depth
+        program = Runtime.get().load_program(str(path))
+        self.forward = program.load_method("forward")
+        self.max_seq_len = int(program.load_method("get_max_seq_len").execute([])[0])
+
+    def time_steps(self, steps: int, warmup: int) -> list[float]:
+        times, tok = [], 1
+        for i in range(warmup + steps):
+            pos = self.depth + i
+            if pos >= self.max_seq_len:
+                break
+            t0 = time.perf_counter()
+            (logits,) = self.forward.execute([torch.tensor([[tok]]), torch.tensor([pos])])
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - t0))
+            tok = int(logits[0, -1].argmax())
+        return times
+
+    def describe(self) -> dict:
+        return {"kind": "stock transformers export (fp32 static cache)", "path": str(self.path)}
+
+
+@click.command()
+@click.option("--bundle", "bundles", multiple=True, help="[NAME=]bundle folder (kvexport export); repeatable.")
+@click.option("--stock", "stocks", multiple=True, help="[NAME=]stock .pte (bench/stock_executorch.py); repeatable.")
+@click.option("--depth", default=4096, show_default=True, help="Tokens in the cache when decode is timed.")
+@click.option("--steps", default=32, show_default=True, help="Timed decode steps per round.")
+@click.option("--warmup", default=4, show_default=True, help="Untimed decode steps before each round.")
+@click.option("--rounds", default=2, show_default=True, help="Passes over all programs (interleaved).")
+@click.option("--threads", default=1, show_default=True, help="ExecuTorch thread pool size.")
+@click.option("--out", "out_name", default=None, help="Result file stem (default pte_decode_<depth>_<threads>t).")
+def main(bundles, stocks, depth, steps, warmup, rounds, threads, out_name):
+    from adaptive_kv import ops
+    from adaptive_kv.tasks import calibration_path, load_text
+    from transformers import AutoTokenizer
+
+    from export.bundle_runner import set_runtime_threads
+
+    ops.load_executorch_library()
+    set_runtime_threads(threads)
+    programs: list[tuple[str, object]] = []
+    text_ids = None
+    for name, path in _named(bundles):
+        if text_ids is None:  # the bundle's own tokenizer
+            tok = AutoTokenizer.from_pretrained(str(path))
+            text_ids = torch.tensor(tok.encode(load_text(calibration_path()), add_special_tokens=False)[:depth])
+        programs.append((name, BundleProgram(path, depth, text_ids)))
+    for name, path in _named(stocks):
+        programs.append((name, StockProgram(path, depth)))
+    if not programs:
+        raise click.UsageError("give at least one --bundle or --stock")
+    times: dict[str, list[float]] = {n: [] for n, _ in programs}
+    console = Console(stderr=True)
+    for r in range(rounds):
+        for name, prog in programs:
+            with console.status(f"round {r + 1}/{rounds}: {name}"):
+                times[name] += prog.time_steps(steps, warmup)
+    base = statistics.median(times[programs[0][0]])
+    rows = []
+    for name, prog in programs:
+        med = statistics.median(times[name])
+        rows.append({"name": name, **prog.describe(), "ms_per_token_median": med, "ms_per_token_mean": statistics.fmean(times[name]),
+                     "ms_per_token_min": min(times[name]), "timed_steps": len(times[name]), "ratio_to_first": med / base})
+    result = {"depth": depth, "steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
+              "command": "python bench/bench_pte_decode.py " + " ".join(click.get_os_args()), "programs": rows}
+    RESULTS.mkdir(exist_ok=True)
+    stem = out_name or f"pte_decode_{depth}_{threads}t"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title=f"decode ms/token at {depth} cached tokens, {threads} thread(s), median of {rounds}x{steps} steps")
+    for col in ("program", "weights", "KV bits/value", "KV MB in use", "ms/token", f"ratio to {programs[0][0]}"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(row["name"], row.get("weights", "-"), f"{row['kv_bits_per_value']:.2f}" if "kv_bits_per_value" in row else "fp32",
+                      f"{row['kv_bytes_in_use'] / 1e6:.1f}" if "kv_bytes_in_use" in row else "-",
+                      f"{row['ms_per_token_median']:.1f}", f"{row['ratio_to_first']:.2f}")
+    Console().print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.barh([r["name"] for r in rows][::-1], [r["ms_per_token_median"] for r in rows][::-1])
+        ax.set_xlabel(f"ms/token at {depth} cached tokens ({threads} thread)")
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
