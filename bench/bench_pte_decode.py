@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def main(bundles, stocks, depth, steps, warmup, rounds, threads, out_name):
                      "ms_per_token_min": min(times[name]), "timed_steps": len(times[name]), "ratio_to_first": med / base})
     result = {"depth": depth, "steps": steps, "warmup": warmup, "rounds": rounds, "threads": threads,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
-              "command": "python bench/bench_pte_decode.py " + " ".join(click.get_os_args()), "programs": rows}
+              "command": "python bench/bench_pte_decode.py " + " ".join(sys.argv[1:]), "programs": rows}
     RESULTS.mkdir(exist_ok=True)
     stem = out_name or f"pte_decode_{depth}_{threads}t"
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
