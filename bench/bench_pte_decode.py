@@ -62,10 +62,10 @@ class BundleProgram:
             if dec.seq_len >= dec.max_seq_len:
                 break
             t0 = time.perf_counter()
-            logits, _ = dec.step(torch.tensor([tok]))
+            logits = dec.forward(torch.tensor([tok]))
             if i >= warmup:
                 times.append(1000 * (time.perf_counter() - t0))
-            tok = int(logits.argmax())
+            tok = int(logits[-1].argmax())
         stats = RunStats(prompt_tokens=len(self.prompt))
         self.runner.kv_usage(stats)
         self.kv = {"kv_bytes_in_use": sum(stats.kv_bytes_by_bits.values()), "kv_tokens_by_bits": stats.kv_tokens_by_bits,

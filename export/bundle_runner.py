@@ -138,7 +138,7 @@ class BundleRunner:
                 break
             if len(out) == 1:
                 t1 = time.perf_counter()  # decode speed counts the tokens after the first
-            logits, _ = self.decoder.step(torch.tensor([tok]))
+            logits = self.decoder.forward(torch.tensor([tok]))[-1]
         stats.decode_s = time.perf_counter() - t1 if len(out) > 1 else 0.0
         stats.new_tokens = len(out)
         self.kv_usage(stats)

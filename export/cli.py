@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -225,8 +226,6 @@ def train_controller(model, data_specs, window, max_windows, budget, features, a
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_size, hadamard, out, force, as_json):
     """Export a device bundle: model.pte (model + packed cache + features + controller), tokenizer, manifest."""
-    import logging
-
     from .pipeline import ExportOptions, export_bundle
 
     opts = ExportOptions(out=out, model=model, policy=policy, controller=controller, budget_bits=budget, weights=weights,
@@ -252,15 +251,14 @@ def _log(msg: str) -> None:
     err.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", soft_wrap=True, highlight=False)
 
 
-class _StatusHandler:
+class _StatusHandler(logging.Handler):
     """Export stage log lines -> the console (timestamps) and the spinner."""
 
-    level = 0
-
     def __init__(self, status):
+        super().__init__()
         self.status = status
 
-    def handle(self, record) -> None:
+    def emit(self, record) -> None:
         msg = record.getMessage()
         _log(msg)
         self.status.update(msg)

@@ -55,6 +55,19 @@ STATE_BUFFERS: tuple[str, ...] = (
 RESTART_BUFFERS: tuple[str, ...] = ("lengths", "seq_len", "spent_bits", "rarity_seen", "rarity_distinct")
 
 
+def feed_in_chunks(step, ids: torch.Tensor, used: int, max_seq_len: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N] through ``step`` (ids [T] -> (logits [T, V], bits [T])) in chunks of chunk_size,
+    all or nothing: -> (last logits [V], bits [N]). ``used``: tokens already in the cache."""
+    ids = ids.reshape(-1)
+    if used + ids.numel() > max_seq_len:
+        raise ContextOverflowError(f"{ids.numel()} tokens on top of {used} exceed max_seq_len={max_seq_len}")
+    bits = []
+    for chunk in ids.split(chunk_size):
+        logits, b = step(chunk)
+        bits.append(b)
+    return logits[-1], torch.cat(bits)
+
+
 class ExportableDecoder(nn.Module):
     """One decoder step of ``model`` over a packed cache laid out for ``policy``.
 
@@ -174,14 +187,7 @@ class ExportableDecoder(nn.Module):
     @torch.no_grad()
     def feed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [N] in chunks of chunk_size, each committed, as Session.feed -> (last logits [V], bits [N])."""
-        ids = ids.reshape(-1)
-        if int(self.seq_len) + ids.numel() > self.max_seq_len:  # all or nothing
-            raise ContextOverflowError(f"{ids.numel()} tokens on top of {int(self.seq_len)} exceed max_seq_len={self.max_seq_len}")
-        bits = []
-        for chunk in ids.split(self.chunk_size):
-            logits, b = self.step(chunk)
-            bits.append(b)
-        return logits[-1], torch.cat(bits)
+        return feed_in_chunks(self.step, ids, int(self.seq_len), self.max_seq_len, self.chunk_size)
 
     # ---- the graph ---------------------------------------------------------------------------
     def _pools(self) -> list[torch.Tensor | None]:

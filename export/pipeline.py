@@ -17,7 +17,7 @@ from pathlib import Path
 from adaptive_kv.policy import POLICY_NAMES, PolicyError
 
 from . import bundle as B
-from .pte import WEIGHT_FORMATS, PteExportError
+from .pte import WEIGHT_FORMATS, PteConfig, PteExportError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
             "program": B.PROGRAM,
             "model": _model_record(model, opts.model),
             "policy": _policy_record(policy, controller, opts.budget_bits),
-            "weights": {"scheme": opts.weights, "group_size": 32 if opts.weights == "8da4w" else None},
+            "weights": {"scheme": opts.weights, "group_size": PteConfig().weight_group_size if opts.weights == "8da4w" else None},
             "cache": B.cache_plan(decoder),
             "methods": {
                 "forward": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, T, vocab]; "

@@ -13,6 +13,8 @@ import torch
 from adaptive_kv import ops
 from adaptive_kv.cache import ContextOverflowError
 
+from .graph import feed_in_chunks
+
 
 class PteDecoder:
     """One sequence at a time through a decoder .pte: ``feed`` chunks, ``generate`` greedily."""
@@ -45,29 +47,28 @@ class PteDecoder:
 
     def step(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [T] (1 <= T <= chunk_size) -> (logits [T, V], bits [T] widths stored)."""
+        start = self.seq_len
+        logits = self.forward(ids)
+        return logits, self.token_bits()[start : self.seq_len].long()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids: [T] -> logits [T, V]; no read-back of the widths (the decode hot path)."""
         t = ids.numel()
         if not 1 <= t <= self.chunk_size:
             raise ValueError(f"a step takes 1..{self.chunk_size} tokens (the exported chunk size), got {t}")
         if self.seq_len + t > self.max_seq_len:
             raise ContextOverflowError(f"context of {self.seq_len + t} tokens exceeds the program's max_seq_len={self.max_seq_len}")
         (logits,) = self._methods["forward"].execute([ids.reshape(1, t).to(torch.int64), torch.tensor([self.seq_len])])
-        start, self.seq_len = self.seq_len, self.seq_len + t
-        return logits[0], self.token_bits()[start : self.seq_len].long()
+        self.seq_len += t
+        return logits[0]
 
     def token_bits(self) -> torch.Tensor:
-        """int8 [max_seq_len]: the width each cached position is stored at (0: empty)."""
+        """int8 [max_seq_len]: the width each cached position < seq_len is stored at (later entries are stale)."""
         return self._methods["token_bits"].execute([])[0]
 
     def feed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [N] in chunks of chunk_size -> (last logits [V], bits [N])."""
-        ids = ids.reshape(-1)
-        if self.seq_len + ids.numel() > self.max_seq_len:
-            raise ContextOverflowError(f"{ids.numel()} tokens on top of {self.seq_len} exceed max_seq_len={self.max_seq_len}")
-        bits = []
-        for chunk in ids.split(self.chunk_size):
-            logits, b = self.step(chunk)
-            bits.append(b)
-        return logits[-1], torch.cat(bits)
+        return feed_in_chunks(self.step, ids, self.seq_len, self.max_seq_len, self.chunk_size)
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
         """Greedy: prefill ``prompt``, then up to ``max_new_tokens`` tokens, each committed."""
@@ -78,7 +79,7 @@ class PteDecoder:
             out.append(tok)
             if tok in self.eos_ids or i == max_new_tokens - 1 or self.seq_len >= self.max_seq_len:
                 break
-            logits, _ = self.step(torch.tensor([tok]))
+            logits = self.forward(torch.tensor([tok]))[-1]
         return out
 
     def state(self, names: list[str]) -> dict[str, torch.Tensor]:
