@@ -24,6 +24,7 @@ FORMAT = "kvexport-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROGRAM = "model.pte"
+ONNX_MODEL = "model.onnx"  # its weights: model.onnx.data
 TOKENIZER = "tokenizer.json"
 REEXPORT_HINT = "re-export the bundle with `kvexport export --out DIR`"
 TOOL_PACKAGES = ("kvexport", "torch", "executorch", "transformers", "torchao")
@@ -99,7 +100,15 @@ class Bundle:
 
     @property
     def program(self) -> Path:
+        if not self.manifest.get("program"):
+            raise BundleError(f"{self.path} has no {PROGRAM} (exported with --formats onnx); re-export with `--formats pte,onnx`")
         return self.path / self.manifest["program"]
+
+    @property
+    def onnx_model(self) -> Path:
+        if not self.manifest.get("onnx"):
+            raise BundleError(f"{self.path} has no {ONNX_MODEL} (exported with --formats pte); re-export with `--formats pte,onnx`")
+        return self.path / self.manifest["onnx"]["model"]
 
     def bytes_per_token(self) -> dict[int, int]:
         """{bits: bytes one cached token takes at that width}."""
@@ -137,8 +146,11 @@ def verify(path: str | Path) -> Bundle:
             raise BundleError(f"bundle file {name} is {size} bytes, the manifest says {entry['bytes']} (truncated or replaced); {REEXPORT_HINT}")
         if sha256_of(f) != entry["sha256"]:
             raise BundleError(f"bundle file {name} fails its sha256 check (corrupt or modified); {REEXPORT_HINT}")
-    for needed in (manifest.get("program"), TOKENIZER):
-        if needed not in manifest["files"]:
+    onnx = manifest.get("onnx") or {}
+    if not manifest.get("program") and not onnx:
+        raise BundleError(f"the manifest lists neither {PROGRAM} nor {ONNX_MODEL}; {REEXPORT_HINT}")
+    for needed in (manifest.get("program"), onnx.get("model"), onnx.get("data"), TOKENIZER):
+        if needed and needed not in manifest["files"]:
             raise BundleError(f"the manifest lists no {needed}; {REEXPORT_HINT}")
     return Bundle(folder, manifest)
 

@@ -75,16 +75,35 @@ def main() -> None:
 @click.option("--hadamard/--no-hadamard", default=True, show_default=True, help="Rotate K/V by a Hadamard matrix before quantization.")
 @click.option("--group-size", default=64, show_default=True, help="Values per quantization group (scale + zero each).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--bundle", "bundle_dir", default=None, type=click.Path(path_type=Path),
+              help="Evaluate an exported bundle (its model, policy and cache) instead of --model/--policy.")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "executorch", "onnxruntime"]),
+              help="With --bundle: the eager reference (torch), its model.pte (executorch) or its model.onnx (onnxruntime).")
+@click.option("--threads", default=None, type=int, help="With --bundle: threads for ExecuTorch / onnxruntime.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_cmd(model, policy_names, controller, budget, task, data, limit, context, chunk_size, hadamard, group_size, seed, as_json):
-    """Accuracy / perplexity of policies on a task, through the packed cache."""
+@click.pass_context
+def eval_cmd(ctx, model, policy_names, controller, budget, task, data, limit, context, chunk_size, hadamard, group_size, seed, bundle_dir, backend, threads, as_json):
+    """Accuracy / perplexity of policies on a task, through the packed cache (or of a bundle through a backend)."""
     from adaptive_kv.evaluate import EvalConfig, Evaluator
 
     cfg = EvalConfig(task=task, data=data, limit=limit, context=context, chunk_size=chunk_size, hadamard=hadamard, group_size=group_size, seed=seed)
-    names = _policy_names(policy_names)
-    decoder, tok = _load(model)
-    policies = _policies(names, controller, budget, decoder)
-    results = [r.to_dict() for r in Evaluator(decoder, tok, policies, cfg, progress=not as_json).run()]
+    if bundle_dir is not None:
+        given = [f"--{p.replace('_names', '').replace('_', '-')}" for p in ("model", "policy_names", "controller", "budget", "chunk_size", "hadamard", "group_size")
+                 if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} cannot be combined with --bundle: the bundle fixes its model, policy and cache")
+        from .backend_eval import BundleEvaluator
+
+        with err.status(f"loading {bundle_dir} ({backend}) ..."):
+            ev = BundleEvaluator(bundle_dir, backend, cfg, threads=threads, progress=not as_json)
+        results = [ev.run().to_dict()]
+    else:
+        if ctx.get_parameter_source("backend") == click.core.ParameterSource.COMMANDLINE and backend != "torch":
+            raise click.UsageError(f"--backend {backend} runs an exported bundle: pass --bundle DIR")
+        names = _policy_names(policy_names)
+        decoder, tok = _load(model)
+        policies = _policies(names, controller, budget, decoder)
+        results = [r.to_dict() for r in Evaluator(decoder, tok, policies, cfg, progress=not as_json).run()]
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else {"results": results}, indent=2))
         return
@@ -221,15 +240,18 @@ def train_controller(model, data_specs, window, max_windows, budget, features, a
 @click.option("--max-seq-len", default=2048, show_default=True, help="Context the cache holds, in tokens (prompt + generated).")
 @click.option("--chunk-size", default=32, show_default=True, help="Most tokens one forward call takes (prefill chunk).")
 @click.option("--hadamard/--no-hadamard", default=True, show_default=True)
+@click.option("--formats", default="pte,onnx", show_default=True,
+              help="Comma-separated: pte (ExecuTorch program + kvq kernels), onnx (model.onnx + model.onnx.data, stock onnxruntime).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_size, hadamard, out, force, as_json):
-    """Export a device bundle: model.pte (model + packed cache + features + controller), tokenizer, manifest."""
+def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_size, hadamard, formats, out, force, as_json):
+    """Export a device bundle: model.pte and model.onnx (model + packed cache + features + controller), tokenizer, manifest."""
     from .pipeline import ExportOptions, export_bundle
 
     opts = ExportOptions(out=out, model=model, policy=policy, controller=controller, budget_bits=budget, weights=weights,
-                         max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, force=force)
+                         max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, force=force,
+                         formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
     logger = logging.getLogger("export")
     logger.setLevel(logging.INFO)
     with err.status("export") as status:
@@ -352,3 +374,46 @@ def run(bundle_dir, prompt, max_new_tokens, temperature, seed, chat, threads, as
     used = ", ".join(f"{b}-bit {stats.kv_tokens_by_bits[b]} tok / {stats.kv_bytes_by_bits[b]:,} B" for b in sorted(stats.kv_bytes_by_bits))
     err.print(f"KV cache in use: {used}; {sum(stats.kv_bytes_by_bits.values()):,} B at "
               f"{stats.kv_bits_per_value(runner.values_per_token):.2f} bits/value (allocated {stats.kv_bytes_allocated:,} B)")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path), help="Text file, one prompt per line (default: five built-in prompts).")
+@click.option("--steps", default=64, show_default=True, help="Greedy decode steps per prompt after the prefill.")
+@click.option("--backend", "backends", multiple=True, default=("executorch", "onnxruntime"), show_default=True,
+              help="Backends to check against the torch reference (repeat).")
+@click.option("--threads", default=None, type=int, help="Threads for ExecuTorch and onnxruntime.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def validate(bundle_dir, prompts_file, steps, backends, threads, as_json):
+    """Check that the torch reference, the .pte and the ONNX model agree step by step (exit 1 if not)."""
+    from .validate import Validator, read_prompts
+
+    if steps < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--steps")
+    prompts = read_prompts(prompts_file)
+    with err.status(f"loading {bundle_dir} (reference model, .pte, ONNX) ..."):
+        v = Validator(bundle_dir, tuple(backends), threads=threads)  # progress on stderr, also with --json
+    report = v.run(prompts, steps)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for w in report["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        tol = report["tolerances"]
+        table = Table(title=f"validate {bundle_dir.name}: {report['prompts']} prompts x {steps} steps, vs torch from the same state")
+        for col in ("backend", "max |dlogit|", "top-1", "bits", "cache bytes", "free top-1", "ok"):
+            table.add_column(col, justify="left" if col == "backend" else "right")
+        for name, r in report["backends"].items():
+            cache = "n/a" if r["cache_bytes_equal"] is None else f"{r['cache_bytes_equal']:.3%}"
+            free = "n/a" if r["free_running_top1"] is None else f"{r['free_running_top1']:.1%}"
+            table.add_row(name + ("" if r["synced"] else "*"), f"{r['max_abs_logit_diff']:.1e}", f"{r['top1_agreement']:.1%}",
+                          f"{r['bits_agreement']:.1%}", cache, free, "[green]yes[/]" if r["ok"] else "[red]no[/]")
+        Console().print(table)
+        for name, r in report["backends"].items():
+            if not r["synced"]:
+                click.echo(f"* {name}: no state to share (a .pte without a `state` method): compared free-running")
+            if (div := r["first_divergence"]) is not None:
+                click.echo(f"{name}: first divergence at prompt {div['prompt']} {div['phase']} step {div['step']}: {div['what']}")
+        err.print(f"tolerances: logits <= {tol['max_abs_logit_diff']}, top-1 >= {tol['top1_agreement']:.0%}, bits >= {tol['bits_agreement']:.1%}, "
+                  f"cache bytes >= {tol['cache_bytes_equal']:.1%}")
+    sys.exit(0 if report["ok"] else 1)

@@ -15,13 +15,17 @@ ExecuTorch program keeps them between calls:
   counts on every call), ``rarity_seen`` / ``rarity_distinct`` int64 [1].
 
 Attention is ``kvq::packed_attention`` over one layer's pools plus the chunk (one node per layer);
-packing is ``kvq::pack_rows`` (one node per packed width). Writes are ``index_put_`` on the slot
-dimension, the form ExecuTorch's reinplace pass turns into an in-place copy of just those rows.
+packing is ``kvq::pack_rows`` (K and V per packed width, under nested conds: a width no token
+of the chunk goes to is not packed). Writes are ``index_put_`` on the slot dimension, the form
+ExecuTorch's reinplace pass turns into an in-place copy of just those rows.
 
-Writing a data-dependent number of tokens into each pool with static shapes: pool b rewrites a
-window of W consecutive slots (W = T, or C_b for a pool smaller than a chunk) starting at its fill level (wrapping modulo C_b, so
-the W slots are distinct); window slot j takes the chunk token placed there if there is one, and
-otherwise its own old content, so untouched slots keep their bytes.
+Writing a data-dependent number of tokens into each pool with static shapes: every chunk token
+writes one row into every pool. A token placed in pool b writes its row at its slot; the others
+write bytes their target slot ends up holding anyway (the first placed token's row at its slot,
+or, when pool b gets no token, the pool's own row at its fill level / last slot, read back), so
+the write is row gathers plus one index_put_ per buffer, without an element-wise select (taking
+only the tokens placed in b, a ``nonzero``, would give a data-dependent size, which ExecuTorch
+1.5's passes fail to re-trace next to the price search's scan).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from adaptive_kv.hadamard import hadamard_matrix
 from adaptive_kv.model import head_dim_of
 from adaptive_kv.ops import POOL_ARGS  # importing ops also registers torch.ops.kvq
 
-from .graph_policy import graph_policy
+from .graph_policy import branch, graph_policy
 from .placement import fallback_ranks, place
 
 
@@ -223,25 +227,71 @@ class ExportableDecoder(nn.Module):
         self.rarity_distinct.copy_(now["rarity_distinct"] + first_here.long().sum())
         return rarity
 
-    def _window(self, p: int, pool: torch.Tensor, slot: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Pool p's write window: (dest [W] slots, src [W] chunk token per slot, new [1, 1, W, 1] bool).
+    def _targets(self, p: int, pool: torch.Tensor, slot: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pool p's writes for this chunk: (dest [T] slots, src [T] rows of cat(chunk rows, anchor row), anchor [1] slot).
 
-        pool, slot: [T] placement; fill: 0-d filled slots of pool p before the chunk."""
-        cap = self.capacities[p]
-        # W = T when the pool can hold a whole chunk (decode rewrites one row), else its capacity
-        # (static: a symbolic min(T, C) would need a guard): room for every token placed here
-        j = torch.arange(pool.shape[0] if cap >= self.chunk_size else cap)  # [W]
-        dest = (fill + j) % cap  # [W] distinct slots from the fill level on
-        here = (pool[:, None] == p) & ((slot - fill)[:, None] == j[None, :])  # [T, W] token i fills window slot j
-        return dest, here.long().argmax(0), here.any(0)[None, None, :, None]  # new: [1, 1, W, 1]
+        pool, slot: [T] placement; fill: 0-d filled slots of pool p before the chunk.
+        Every chunk token writes one row into every pool (static shapes): a token placed here
+        writes its own row at its slot; any other writes bytes its target slot ends up holding
+        anyway: the row of the first token placed here, at that token's slot (duplicate indices,
+        equal values), or, when no token is, the pool's own row at the anchor slot (the fill
+        level, or the last slot of a full pool), read back unchanged. So the write is two row
+        gathers and one index_put_, with no element-wise select over the rows."""
+        t = pool.shape[0]
+        mine = pool == p  # [T]
+        some = mine.any()  # 0-d
+        first = mine.long().argmax(0, keepdim=True)  # [1]: the first token placed here (0 when none is)
+        anchor = fill.clamp(max=self.capacities[p] - 1).reshape(1)  # [1]
+        dest = torch.where(mine, slot, torch.where(some, slot.index_select(0, first), anchor))  # [T]
+        src = torch.where(mine, torch.arange(t), torch.where(some, first, t))  # [T] t: the anchor row
+        return dest, src, anchor
 
-    def _write(self, name: str, rows: torch.Tensor, dest: torch.Tensor, src: torch.Tensor, new: torch.Tensor) -> None:
-        """rows: [layers, Hkv, T, X] every chunk token in buffer ``name``'s format -> its window."""
+    def _pack(self, k: torch.Tensor, v: torch.Tensor, some: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The chunk packed at every packed width (in pool order, 6 tensors per width: k codes,
+        k scale, k zero, v codes, v scale, v zero; [layers, Hkv, T, D*b/8 | D/G]); a width no
+        token of the chunk goes to (``some`` [P'] 0-d bools false) gets zeros instead, which are
+        never written (see _targets): a decode step packs its token at one width, not three.
+
+        One cond per width, nested (the next width's cond inside both branches): ExecuTorch 1.5
+        plans sibling cond branches over the same memory and hands a branch's outputs over
+        without a copy, so a second cond beside the first would overwrite its outputs before the
+        writes read them; a nested cond's memory lies below its enclosing branch's."""
+        widths = [b for b in self.pool_bits if b != 16]
+        g = self.group_size
+        lead = k.shape[:-1]
+
+        def level(i: int):
+            def packed(k, v, *flags):
+                b = widths[i]
+                return (*torch.ops.kvq.pack_rows(k, b, g), *torch.ops.kvq.pack_rows(v, b, g), *rest(k, v, *flags))
+
+            def zeros(k, v, *flags):
+                b = widths[i]
+                codes = k.new_zeros(k.shape[0], k.shape[1] * b // 8, dtype=torch.uint8)
+                affine = k.new_zeros(k.shape[0], k.shape[1] // g, dtype=torch.float16)
+                return (codes, affine, affine.clone(), codes.clone(), affine.clone(), affine.clone(), *rest(k, v, *flags))
+
+            def rest(k, v, *flags):
+                return level(i + 1)(k, v, *flags) if i + 1 < len(widths) else ()
+
+            def run(k, v, *flags):
+                return branch(flags[i], packed, zeros, (k, v, *flags))
+
+            return run
+
+        if not widths:
+            return []
+        # rows flattened: a cond operand's dynamic dims are assumed >= 2 (layers * Hkv * T is)
+        out = level(0)(k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1]), *some)
+        return [x.reshape(*lead, x.shape[-1]) for x in out]
+
+    def _write(self, name: str, rows: torch.Tensor, dest: torch.Tensor, src: torch.Tensor, anchor: torch.Tensor) -> None:
+        """rows: [layers, Hkv, T, X] every chunk token in buffer ``name``'s format -> its slots (see _targets)."""
         buf = getattr(self, name)  # [layers, Hkv, C, X]
-        old = buf.index_select(2, dest)  # [layers, Hkv, W, X]
+        rows = torch.cat([rows, buf.index_select(2, anchor)], 2).index_select(2, src)  # [layers, Hkv, T, X]
         # index_put_ on the slot dim, called directly: `buf[:, :, dest] = x` would strip x's leading
         # size-1 dims (1-layer models), which ExecuTorch's in-place index_put_ kernel rejects
-        torch.ops.aten.index_put_.default(buf, [None, None, dest], torch.where(new, rows.index_select(2, src), old))
+        torch.ops.aten.index_put_.default(buf, [None, None, dest], rows)
 
     def _commit(self, k: torch.Tensor, v: torch.Tensor, want: torch.Tensor, now: dict[str, torch.Tensor]) -> torch.Tensor:
         """Place and pack the chunk. k/v: [layers, Hkv, T, D] in the stored basis; want: [T] index
@@ -249,16 +299,16 @@ class ExportableDecoder(nn.Module):
         t = k.shape[2]
         fill = now["lengths"].index_select(0, self.pool_lengths_index)  # [P]
         pool, slot = place(want, fill, self.pool_caps, self.fallback_ranks)  # [T], [T]
+        packed = iter(self._pack(k, v, [(pool == p).any() for p, b in enumerate(self.pool_bits) if b != 16]))
         for p, b in enumerate(self.pool_bits):
-            window = self._window(p, pool, slot, fill[p])
+            targets = self._targets(p, pool, slot, fill[p])
             if b == 16:
-                self._write("k16", k.half(), *window)
-                self._write("v16", v.half(), *window)
+                self._write("k16", k.half(), *targets)
+                self._write("v16", v.half(), *targets)
                 continue
-            for kv, x in (("k", k), ("v", v)):
-                codes, scale, zero = torch.ops.kvq.pack_rows(x, b, self.group_size)  # [layers, Hkv, T, D*b/8 | D/G]
-                for suffix, rows in (("", codes), ("_scale", scale), ("_zero", zero)):
-                    self._write(f"{kv}{b}{suffix}", rows, *window)
+            for kv in "kv":
+                for suffix in ("", "_scale", "_zero"):
+                    self._write(f"{kv}{b}{suffix}", next(packed), *targets)
         # bookkeeping, after every read of the old state
         placed = (pool[:, None] == torch.arange(len(self.pool_bits))[None, :]).long().sum(0)  # [P]
         self.lengths.copy_(now["lengths"] + placed @ self.pool_onehot)  # [P] @ [P, 4] -> [4]

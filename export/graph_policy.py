@@ -7,7 +7,8 @@ into ``BIT_WIDTHS`` (2, 4, 8, 16), which is what :func:`export.placement.place` 
 The learned policy's running budget price (``allocation.price_to_fit``) is a data-dependent
 doubling loop plus a 40-step bisection in Python floats; here the doubling candidates are
 constants (they depend only on the controller's calibrated price), all evaluated at once, and
-the bisection runs its fixed iteration count as a ``scan`` (ExecuTorch 1.5 emits scan, not
+the bisection (run, under a ``cond``, only when the floor price does not fit) runs its fixed
+iteration count as a ``scan`` (ExecuTorch 1.5 emits scan, not
 while_loop; unrolled, the 40 steps were a third of the graph and of the lowering time). Prices stay float64, as Python's are,
 and are rounded to float32 exactly where PyTorch rounds a Python float scalar multiplying a
 float32 tensor, so the price found is the same one.
@@ -26,6 +27,19 @@ from adaptive_kv.policy import LearnedPolicy, OraclePolicy, RulePolicy, SinkRece
 
 BISECTION_STEPS = 40  # allocation.price_to_fit's default
 PRICE_CEILING = 1e6  # price_to_fit stops doubling here
+
+
+def branch(pred: torch.Tensor, true_fn, false_fn, operands: tuple):
+    """``torch.cond`` when exporting (the program skips the branch not taken), a Python ``if`` in
+    eager (torch.cond there would compile both branches with dynamo on every call).
+
+    ExecuTorch 1.5 plans sibling conds' branches over the same memory and hands a branch's outputs
+    over without a copy: a cond's outputs must be read before the next sibling cond runs (the
+    pack conds depend on the price, so the price is read first), or the conds nested (see
+    ExportableDecoder._pack). A dynamic dim of an operand is assumed >= 2 (pass rows flattened)."""
+    if torch.compiler.is_exporting():
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
 class GraphPolicyError(ValueError):
@@ -102,8 +116,15 @@ class GraphLearned(nn.Module):
             over = self._spend(logp, mid) > allowance  # [1]
             return (torch.where(over, mid, lo), torch.where(over, hi, mid)), step.clone()
 
-        (lo, hi), _ = scan(halve, (lo, hi), self.steps)
-        return torch.where(first == 0, self.candidates[:1], hi)  # the floor fits: no search
+        def floor(lo, hi):  # the floor fits: no search (every decode step on ordinary text)
+            return self.candidates[:1].clone()
+
+        def search(lo, hi):
+            (lo, hi), _ = scan(halve, (lo, hi), self.steps)
+            return hi
+
+        # a cond, not a where over both: the search is ~1000 small kernel calls, skipped when not needed
+        return branch(first[0] == 0, floor, search, (lo, hi))
 
     def forward(self, feats: dict[str, torch.Tensor], spent: torch.Tensor, n_after: torch.Tensor) -> torch.Tensor:
         """spent: [1] float64 bits/value summed over cached tokens; n_after: [1] int64 tokens after this chunk."""

@@ -21,6 +21,8 @@ from .pte import WEIGHT_FORMATS, PteConfig, PteExportError
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("pte", "onnx")  # model.pte (ExecuTorch + kvq kernels), model.onnx (+ .data; stock onnxruntime)
+
 # Policies with an in-graph form (export/graph_policy.py); sink-recent demotes tokens, oracle needs the future.
 EXPORTABLE_POLICIES = ("fp16", "static-8", "static-4", "static-2", "rule", "learned")
 
@@ -37,9 +39,13 @@ class ExportOptions:
     chunk_size: int = 32  # most tokens per forward call (get_max_seq_len)
     kv_group_size: int = 64
     hadamard: bool = True
+    formats: tuple[str, ...] = FORMATS
     force: bool = False
 
     def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise B.BundleError(f"formats {','.join(self.formats) or '(none)'}: choose one or more of {','.join(FORMATS)}")
         if self.policy not in EXPORTABLE_POLICIES:
             known = self.policy in POLICY_NAMES
             raise PolicyError(
@@ -103,7 +109,8 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
     from adaptive_kv.model import load_model, model_id
     from adaptive_kv.policy import default_controller_path, make_policy
 
-    from .pte import export_pte, metadata
+    from .onnx_export import data_path, export_onnx, io_spec
+    from .pte import build_decoder, export_pte, metadata
 
     say = status or (lambda msg: log.info(msg))
     t0 = time.perf_counter()
@@ -112,31 +119,44 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
     controller = opts.controller or (str(default_controller_path()) if opts.policy == "learned" else None)
     policy = make_policy(opts.policy, controller=controller, model_id=model_id(model), budget_bits=opts.budget_bits)
     load_s = time.perf_counter() - t0
+    config = PteConfig(max_seq_len=opts.max_seq_len, weights=opts.weights, chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard)
+    seconds: dict[str, float] = {}
     with B.staged(Path(opts.out), force=opts.force) as tmp:
-        say(f"exporting {policy.name} with {opts.weights} weights, {opts.max_seq_len} tokens of context (minutes)")
-        report = export_pte(
-            model, tok, policy, opts.max_seq_len, opts.weights, tmp / B.PROGRAM,
-            chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard,
-        )
+        if "pte" in opts.formats:
+            say(f"exporting {policy.name} with {opts.weights} weights, {opts.max_seq_len} tokens of context to {B.PROGRAM} (minutes)")
+            report = export_pte(
+                model, tok, policy, opts.max_seq_len, opts.weights, tmp / B.PROGRAM,
+                chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard,
+                state_method=True,  # `kvexport validate` compares the packed cache itself
+            )
+            decoder = report.decoder
+            seconds.update(report.seconds)
+        else:
+            decoder = build_decoder(model, policy, config)
+        if "onnx" in opts.formats:
+            say(f"exporting {B.ONNX_MODEL} (standard ONNX ops, state as inputs/outputs)")
+            export_onnx(decoder, tmp / B.ONNX_MODEL, metadata(decoder, tok), seconds)
         say("writing tokenizer and manifest")
         tok.save_pretrained(tmp)
         if not (tmp / B.TOKENIZER).is_file():
             raise B.BundleError(f"the tokenizer of {opts.model or 'the model'} has no fast form ({B.TOKENIZER}); export needs one")
-        decoder = report.decoder
         manifest = {
             "format": B.FORMAT,
             "format_version": B.FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": "kvexport " + shlex.join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "kvexport" else None,
-            "program": B.PROGRAM,
+            "program": B.PROGRAM if "pte" in opts.formats else None,
+            "onnx": {"model": B.ONNX_MODEL, "data": data_path(B.ONNX_MODEL).name, **io_spec(decoder)} if "onnx" in opts.formats else None,
             "model": _model_record(model, opts.model),
             "policy": _policy_record(policy, controller, opts.budget_bits),
-            "weights": {"scheme": opts.weights, "group_size": PteConfig().weight_group_size if opts.weights == "8da4w" else None},
+            "weights": {"scheme": opts.weights, "group_size": config.weight_group_size if opts.weights == "8da4w" else None},
             "cache": B.cache_plan(decoder),
             "methods": {
                 "forward": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, T, vocab]; "
                            "1 <= T <= get_max_seq_len; input_pos = tokens already cached, 0 starts a new sequence",
                 "token_bits": "token_bits() -> int8 [max_seq_len]: width each cached position < the sequence length is stored at",
+                "state": "state() -> copies of every state tensor, in state_names order (validation and debugging)",
+                "state_names": decoder.state_names(),
                 "constants": metadata(decoder, tok),
             },
             "runtime": {
@@ -145,8 +165,8 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
                 "backends": ["XnnpackBackend"],
             },
             "versions": B.versions(),
-            "export_seconds": {"load": round(load_s, 1), **{k: round(v, 1) for k, v in report.seconds.items()}},
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k not in ("out", "force")},
+            "export_seconds": {"load": round(load_s, 1), **{k: round(v, 1) for k, v in seconds.items()}},
+            "options": {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items() if k not in ("out", "force")},
         }
         manifest = B.write_manifest(tmp, manifest)
     say(f"wrote {opts.out} in {time.perf_counter() - t0:.0f} s")

@@ -24,9 +24,9 @@ class PteDecoder:
 
         ops.load_executorch_library()  # the kvq::*.out kernels the program calls
         self.program = Runtime.get().load_program(str(path))
-        names = self.program.method_names
-        # Load every method up front: loading one initializes the shared bookkeeping buffers.
-        self._methods = {n: self.program.load_method(n) for n in names}
+        self._names = set(self.program.method_names)
+        # `state` (validation) is loaded on first use: its planned memory is a copy of the cache
+        self._methods = {n: self.program.load_method(n) for n in self._names - {"state"}}
         self.max_seq_len = self._constant("get_max_context_len")  # cache capacity
         self.chunk_size = self._constant("get_max_seq_len")  # most tokens per forward call
         self.vocab_size = self._constant("get_vocab_size")
@@ -39,7 +39,7 @@ class PteDecoder:
         return list(out) if all_values else out[0]
 
     def has_state_method(self) -> bool:
-        return "state" in self._methods
+        return "state" in self._names
 
     def reset(self) -> None:
         """Start a new sequence: the next forward runs at input_pos 0, which restarts the program's cache."""
@@ -84,6 +84,8 @@ class PteDecoder:
 
     def state(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The cache state, by ExportableDecoder.state_names() (needs a program exported with state_method=True)."""
-        if "state" not in self._methods:
+        if "state" not in self._names:
             raise RuntimeError("this .pte has no `state` method; export it with state_method=True")
+        if "state" not in self._methods:
+            self._methods["state"] = self.program.load_method("state")
         return dict(zip(names, (t.clone() for t in self._methods["state"].execute([]))))

@@ -4,7 +4,6 @@
 // library only overrides the CPU implementation. Load it with adaptive_kv.ops.load_library().
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -49,13 +48,6 @@ kvq::TensorDesc describe(const std::optional<at::Tensor>& t) { return t.has_valu
 
 void check(const kvq::Error& e) { TORCH_CHECK(e.ok(), "kvq: ", e.msg); }
 
-// The clip search's error sums follow the lane width of the ATen kernels torch dispatches to, so
-// pack_rows stays bit-exact with adaptive_kv.formats.quantize_rows (see torch_order_sum).
-int torch_sum_lanes() {
-  static const int lanes = at::get_cpu_capability() == "AVX512" ? 16 : 8;  // "AVX2", "DEFAULT", NEON/SVE: 8
-  return lanes;
-}
-
 // ---- pack_rows --------------------------------------------------------------------------------
 std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> pack_rows_out(const at::Tensor& x, int64_t bits, int64_t group_size, at::Tensor& codes,
                                                                 at::Tensor& scale, at::Tensor& zero) {
@@ -65,7 +57,7 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> pack_rows_out(const at::Tensor
   check(kvq::expect_pack_out(describe(codes), xd, "codes", kvq::DType::kByte, int64_t(p.D) * bits / 8));
   check(kvq::expect_pack_out(describe(scale), xd, "scale", kvq::DType::kHalf, p.D / group_size));
   check(kvq::expect_pack_out(describe(zero), xd, "zero", kvq::DType::kHalf, p.D / group_size));
-  kvq::pack_rows(p.x, p.rows, p.D, p.G, p.bits, torch_sum_lanes(), codes.data_ptr<uint8_t>(),
+  kvq::pack_rows(p.x, p.rows, p.D, p.G, p.bits, codes.data_ptr<uint8_t>(),
                  reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>()), reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>()), AtenFor{});
   return {codes, scale, zero};
 }

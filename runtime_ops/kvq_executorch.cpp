@@ -99,8 +99,7 @@ void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   if (!ok_or_fail(ctx, kvq::expect_pack_out(describe(codes), xd, "codes", kvq::DType::kByte, int64_t(p.D) * bits / 8))) return;
   if (!ok_or_fail(ctx, kvq::expect_pack_out(describe(scale), xd, "scale", kvq::DType::kHalf, p.D / group_size))) return;
   if (!ok_or_fail(ctx, kvq::expect_pack_out(describe(zero), xd, "zero", kvq::DType::kHalf, p.D / group_size))) return;
-  // No torch here to match: sum the clip-search errors like ATen's AVX2/NEON kernels do.
-  kvq::pack_rows(p.x, p.rows, p.D, p.G, p.bits, 8, codes.mutable_data_ptr<uint8_t>(),
+  kvq::pack_rows(p.x, p.rows, p.D, p.G, p.bits, codes.mutable_data_ptr<uint8_t>(),
                  static_cast<uint16_t*>(scale.mutable_data_ptr()), static_cast<uint16_t*>(zero.mutable_data_ptr()), EtFor{});
 }
 

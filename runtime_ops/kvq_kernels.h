@@ -131,30 +131,24 @@ inline Error check_pack_args(int bits, int64_t head_dim, int64_t group_size) {
   return Error{};
 }
 
-// Sum of n fp32 values in the order of ATen's vectorized inner-dim sum (SumKernel.cpp:
-// `lanes`-wide vectors, 4 interleaved vector accumulators, then the lanes left to right), so the
-// clip search's argmin sees the very error values torch computed. lanes = 16 when torch
-// dispatches AVX-512 kernels, 8 for AVX2/NEON/default.
-inline float torch_order_sum(const float* e, int n, int lanes) {
-  const int nvec = n / lanes, ilp = nvec / 4;
-  float total = 0.0f;
-  for (int i = nvec * lanes; i < n; ++i) total += e[i];  // scalar tail first
-  for (int l = 0; l < lanes; ++l) {
-    float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int i = 0; i < ilp; ++i)
-      for (int k = 0; k < 4; ++k) p[k] += e[(4 * i + k) * lanes + l];
-    for (int v = ilp * 4; v < nvec; ++v) p[0] += e[v * lanes + l];
-    float lane = p[0];
-    lane += p[1];
-    lane += p[2];
-    lane += p[3];
-    total += lane;
+// Sum of n fp32 values in the fixed order of adaptive_kv.formats.fold_sum: add the second half
+// onto the first (an odd last value carries over) until one value is left. The clip search's
+// candidates can tie to the last bit, so every encoder (this one, formats.quantize_rows, the
+// ONNX translation) must add in the same order; element-wise fp32 adds are exactly rounded
+// everywhere, a vectorized reduction's order is not. Overwrites e.
+inline float fold_sum(float* e, int n) {
+  if (n <= 0) return 0.0f;
+  while (n > 1) {
+    const int h = n / 2;
+    for (int i = 0; i < h; ++i) e[i] += e[i + h];
+    if (n & 1) e[h] = e[2 * h];
+    n = h + (n & 1);
   }
-  return total;
+  return e[0];
 }
 
 // One group of G values -> codes (unpacked, one per value), scale and zero as fp16 bits.
-inline void quantize_group(const float* x, int G, int bits, int sum_lanes, uint8_t* codes, uint16_t* scale_out, uint16_t* zero_out) {
+inline void quantize_group(const float* x, int G, int bits, uint8_t* codes, uint16_t* scale_out, uint16_t* zero_out) {
   const float levels = float((1 << bits) - 1);
   float lo = x[0], hi = x[0];
   for (int i = 1; i < G; ++i) {
@@ -183,7 +177,7 @@ inline void quantize_group(const float* x, int G, int bits, int sum_lanes, uint8
       const float e = c * s + z - x[i];  // two roundings, no FMA (built with -ffp-contract=off)
       err[i] = e * e;
     }
-    const float total = torch_order_sum(err, G, sum_lanes);
+    const float total = fold_sum(err, G);
     if (best < 0 || total < best_err) {  // strict: the first minimum wins, like torch.argmin
       best_err = total;
       best = r;
@@ -196,7 +190,7 @@ inline void quantize_group(const float* x, int G, int bits, int sum_lanes, uint8
 
 // x: [n_rows, D] fp32 -> codes [n_rows, D*bits/8], scale / zero [n_rows, D/G] (fp16 bits).
 template <class ParFor>
-void pack_rows(const float* x, int64_t n_rows, int D, int G, int bits, int sum_lanes, uint8_t* codes, uint16_t* scale,
+void pack_rows(const float* x, int64_t n_rows, int D, int G, int bits, uint8_t* codes, uint16_t* scale,
                uint16_t* zero, ParFor&& par_for) {
   const int groups = D / G, per_byte = 8 / bits, lane_bytes = G / per_byte;  // lane_bytes = G*bits/8
   const int64_t row_bytes = int64_t(D) * bits / 8;
@@ -205,7 +199,7 @@ void pack_rows(const float* x, int64_t n_rows, int D, int G, int bits, int sum_l
     uint8_t c[kMaxHeadDim];
     for (int64_t row = begin; row < end; ++row) {
       for (int g = 0; g < groups; ++g) {
-        quantize_group(x + row * D + g * G, G, bits, sum_lanes, c, scale + row * groups + g, zero + row * groups + g);
+        quantize_group(x + row * D + g * G, G, bits, c, scale + row * groups + g, zero + row * groups + g);
         uint8_t* out = codes + row * row_bytes + int64_t(g) * lane_bytes;
         for (int j = 0; j < lane_bytes; ++j) {  // split halves: byte j <- codes j, j+L, j+2L, ...
           uint32_t b = 0;

@@ -34,7 +34,11 @@ def bundle_dir(tiny_checkpoint, tmp_path_factory):
 def test_export_writes_a_complete_verified_bundle(bundle_dir, tiny_checkpoint):
     assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["tiny-rule"]  # no temp folder left
     m = json.loads((bundle_dir / B.MANIFEST).read_text())
-    assert {"model.pte", "tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    assert {"model.pte", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"} <= set(m["files"])
+    onnx = m["onnx"]  # the ONNX model's documented state I/O, pairing past.<name> with present.<name>
+    assert onnx["model"] == "model.onnx" and onnx["data"] == "model.onnx.data" and onnx["sequence_length"] == {"min": 1, "max": 8}
+    assert [i["name"] for i in onnx["inputs"][2:]] == [f"past.{n}" for n in onnx["state"]] == [f"past.{n}" for n in m["methods"]["state_names"]]
+    assert [o["name"] for o in onnx["outputs"][1:]] == [f"present.{n}" for n in onnx["state"]]
     for name, e in m["files"].items():
         assert (bundle_dir / name).stat().st_size == e["bytes"] and B.sha256_of(bundle_dir / name) == e["sha256"]
     assert m["policy"]["name"] == "rule" and m["policy"]["kv_budget_bits"] == 4.0 and m["weights"]["scheme"] == "fp32"
@@ -94,6 +98,7 @@ def test_sampling_is_seeded(bundle_dir):
 
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "model.pte").unlink(), "model.pte is missing"),
+    (lambda d: (d / "model.onnx.data").write_bytes(b"\0" * 64), "model.onnx.data is 64 bytes"),
     (lambda d: (d / "model.pte").write_bytes((d / "model.pte").read_bytes()[:1000]), "model.pte is 1000 bytes"),
     (lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace("a", "b", 1)), "tokenizer.json fails its sha256"),
     (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json is corrupt"),
@@ -126,6 +131,7 @@ def test_missing_kernel_library_names_the_fix(bundle_dir, monkeypatch, tmp_path)
     (["--weights", "int3"], "unknown weight scheme 'int3'"),
     (["--policy", "static-4", "--kv-budget-bits", "3"], "applies to rule and learned"),
     (["--controller", "missing.safetensors"], "controller file missing.safetensors not found"),
+    (["--formats", "pte,tflite"], "choose one or more of pte,onnx"),
 ])
 def test_bad_export_options_fail_before_loading(tmp_path, args, message):
     out = tmp_path / "never"

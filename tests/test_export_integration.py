@@ -82,3 +82,33 @@ def test_8da4w_learned_pte_runs_the_quantized_model(smol, tmp_path):
     assert len(set(bp.tolist())) > 1  # the controller mixes widths in the program
     # Greedy choices are NOT asserted: on this prompt only 6 of 11 teacher-forced top-1 choices
     # agreed with torchao's eager 8da4w (issue 4 closing note).
+
+
+def test_onnx_learned_step_matches_eager_from_the_same_state(smol, tmp_path):
+    """SmolLM2 + the bundled learned controller as ONNX in onnxruntime: the prompt's chunks and 12
+    greedy steps, each from the eager decoder's own state (handed to the ONNX model as its
+    past.* inputs): logits within 1e-2, the same widths, the same written cache bytes up to a
+    rounding-boundary code."""
+    from export.onnx_export import export_onnx
+    from export.onnx_runner import OnnxDecoder
+
+    model, tok = smol
+    eager = build_decoder(model, make_policy("learned", model_id=model_id(model)), PteConfig(max_seq_len=MAX_SEQ))
+    export_onnx(eager, tmp_path / "model.onnx")
+    onnx = OnnxDecoder(tmp_path / "model.onnx")
+    ids = prompt_ids(tok)
+    steps = list(ids.split(eager.chunk_size))
+    widths = set()
+    for i in range(len(steps) + NEW):
+        x = steps[i] if i < len(steps) else logits[-1].argmax().reshape(1)  # noqa: F821 (set below)
+        onnx._state = {n: getattr(eager, n).numpy().copy() for n in onnx.names}
+        onnx.seq_len = int(eager.seq_len)
+        got_logits, got_bits = onnx.step(x)
+        logits, bits = eager.step(x)
+        assert (got_logits - logits).abs().max().item() <= 1e-2
+        assert torch.equal(got_bits, bits)
+        widths |= set(bits.tolist())
+        state = onnx.state()
+        for n in eager.pool_names:
+            assert (state[n] != getattr(eager, n)).sum().item() <= 8, n  # a few bytes of one rounding-boundary flip
+    assert len(widths) > 1  # the controller really mixes widths

@@ -1,9 +1,13 @@
+import functools
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adaptive_kv.formats import CLIP_RATIOS, RowFormat, dequantize_rows, fake_quantize, pack_codes, quantize_rows, unpack_codes
+import adaptive_kv.formats as formats
+from adaptive_kv.formats import CLIP_RATIOS, RowFormat, dequantize_rows, fake_quantize, fold_sum, pack_codes, quantize_rows, unpack_codes
 from adaptive_kv.hadamard import hadamard_matrix, rotate
 
 
@@ -60,6 +64,51 @@ def test_clipping_search_never_loses_to_min_max_and_bounds_the_error(bits, seed,
     step = span / (2**bits - 1)
     # a clipped value is off by at most the part of the range cut away, plus half a step
     assert ((searched - x).abs() <= (1 - min(CLIP_RATIOS)) / 2 * span + step / 2 + 1e-3 * span).all()
+
+
+# One 64-value group whose 4-bit clip choice hinges on the order its squared errors are summed
+# in: ratios 1.0 and 0.95 tie to within one fp32 rounding. fold_sum picks 0.95; a left-to-right
+# sum (and torch.sum on x86, which sums in 8 lanes) picks 1.0. Found by bisecting random groups
+# for an error crossing. float32 bits, little endian; also used by test_runtime_ops.
+ORDER_SENSITIVE_GROUP = torch.frombuffer(bytearray.fromhex(
+    "7c9a85bff8bb1dbf2f9ef13e08d7bfbd3ab714bfb2c620c09e792b3f4c17a93ea240dfbf616c1a3fb69a3cbc83f48b3e"
+    "f3b1713f32213fbfbad9373f00a62d3fcdce413fd447d33f31bf283f70b111bf7631e63f91758dbf9d54ecbe184575bf"
+    "2986d4bd0ba68b3fdac0a63f7583ea3e74fa1bbf63450dbf0e491abffa7c703f595f69bfa54a5e3f24f426bd33a0303e"
+    "3b09c13f43e6f1be174ad53fb0e9b4bfd62c52bf4b8bc9bf624d40bfe3ac163f84a33e3fa2b39b3edeaa8d3ee5b695bf"
+    "ec9aa9bf66f79e3e5438ad3f7b1bbcbe1d8fa2bfb5aac3bf34e92ebf953ac93f984a4ebe2ae584bff6801ebfae1bf9be"
+    "25f4853e93b628bfddd262bf044446be"), dtype=torch.float32).clone()
+
+
+def _fold_f32(values) -> np.float32:
+    """The documented order of fold_sum, in plain float32 scalars: halves added, odd value carried."""
+    e = [np.float32(v) for v in values]
+    while len(e) > 1:
+        h = len(e) // 2
+        e = [np.float32(e[i] + e[i + h]) for i in range(h)] + e[2 * h :]
+    return e[0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 48, 64])
+def test_fold_sum_adds_in_its_documented_order(n):
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n)) * torch.logspace(-3, 3, n)
+    assert fold_sum(x).tolist() == [float(_fold_f32(row)) for row in x.numpy()]
+
+
+def test_clip_search_sums_candidate_errors_in_one_fixed_order(monkeypatch):
+    """quantize_rows keeps the candidate whose fold_sum error is least, whatever order torch.sum
+    would use on this machine: the C++ and ONNX encoders can only match a fixed order."""
+    x, fmt = ORDER_SENSITIVE_GROUP[None], RowFormat(4, 64)
+    candidates = []
+    for ratio in CLIP_RATIOS:  # each candidate alone, and its squared errors as the encoder computes them
+        monkeypatch.setattr(formats, "CLIP_RATIOS", (ratio, ratio))
+        packed = quantize_rows(x, fmt)
+        candidates.append((packed, (dequantize_rows(*packed, fmt) - x).square()[0].numpy()))
+    monkeypatch.undo()
+    folded = int(np.argmin([_fold_f32(e) for _, e in candidates]))
+    left_to_right = int(np.argmin([functools.reduce(lambda a, b: np.float32(a + b), e, np.float32(0)) for _, e in candidates]))
+    assert (folded, left_to_right) == (1, 0)  # the group really is order-sensitive
+    for got, want in zip(quantize_rows(x, fmt), candidates[folded][0]):
+        assert torch.equal(got, want)
 
 
 def test_constant_rows_are_exact():

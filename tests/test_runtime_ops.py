@@ -24,6 +24,7 @@ from adaptive_kv import ops
 from adaptive_kv.attention import attend_blocks
 from adaptive_kv.cache import CacheConfig, CacheLayout, PackedKVCache
 from adaptive_kv.formats import RowFormat, quantize_rows
+from test_formats import ORDER_SENSITIVE_GROUP  # tests/ is on sys.path under pytest
 
 D = 64
 TOL = 1e-4
@@ -65,6 +66,16 @@ def test_pack_rows_bit_exact(bits, group_size):
 def test_pack_rows_bit_exact_hypothesis(x, bits):
     t = torch.from_numpy(x)
     for got, want in zip(ops.pack_rows(t, bits), quantize_rows(t, RowFormat(bits, D))):
+        assert torch.equal(got, want)
+
+
+def test_pack_rows_bit_exact_on_an_order_sensitive_group():
+    """A group whose clip choice flips with the order the candidates' errors are summed in: the
+    kernel must add like formats.fold_sum. (It used to mimic torch.sum's lane order and assumed
+    16 lanes on AVX-512 hosts, where torch 2.13 sums in 8: eager and the .pte packed the same K/V
+    differently.)"""
+    x = torch.stack([ORDER_SENSITIVE_GROUP, ORDER_SENSITIVE_GROUP.flip(0), -ORDER_SENSITIVE_GROUP])  # [3, D]
+    for got, want in zip(ops.pack_rows(x, 4), quantize_rows(x, RowFormat(4, D))):
         assert torch.equal(got, want)
 
 
@@ -251,6 +262,18 @@ def test_executorch_program_matches_eager(pte):
         for got, want in zip(outs, m(*chunk(t, 10 + t))):
             assert got.dtype == want.dtype and got.shape == want.shape
             assert (got.float() - want.float()).abs().max().item() <= TOL
+
+
+def test_executorch_pack_rows_is_bit_exact_on_an_order_sensitive_group(pte):
+    from executorch.runtime import Runtime
+
+    m, path = pte
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    q, k, v = chunk(3, 7)
+    k[0, 1, 2] = ORDER_SENSITIVE_GROUP
+    got, eager = method.execute([q, k, v])[2:], m(q, k, v)[2:]  # codes, scale, zero of pack_rows(k, 4)
+    for g, e, want in zip(got, eager, quantize_rows(k, RowFormat(4, D))):
+        assert torch.equal(g, want) and torch.equal(e, want)
 
 
 def test_executorch_kernel_rejects_bad_lengths_without_crashing(pte):

@@ -76,7 +76,7 @@ void test_pack() {
     for (int i = 0; i < D; ++i) x[5 * D + i] = 1.25f;  // a constant row: span 0, scale 1
     std::vector<uint8_t> codes(n * D * bits / 8);
     std::vector<uint16_t> sc(n), zr(n);
-    kvq::pack_rows(x.data(), n, D, G, bits, 8, codes.data(), sc.data(), zr.data(), kvq::SerialFor{});
+    kvq::pack_rows(x.data(), n, D, G, bits, codes.data(), sc.data(), zr.data(), kvq::SerialFor{});
     // Reconstruction error is bounded by half a step, except for values the clip search cut off.
     double worst = 0.0;
     const int lane = G * bits / 8;
@@ -132,7 +132,7 @@ PoolData make_pool(int bits, int64_t cap, int64_t len, int Hkv, int D, int G, st
     codes.resize(x.size() * bits / 8);
     sc.resize(x.size() / G);
     zr.resize(x.size() / G);
-    kvq::pack_rows(x.data(), Hkv * cap, D, G, bits, 8, codes.data(), sc.data(), zr.data(), kvq::SerialFor{});
+    kvq::pack_rows(x.data(), Hkv * cap, D, G, bits, codes.data(), sc.data(), zr.data(), kvq::SerialFor{});
   }
   return p;
 }
