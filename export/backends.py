@@ -137,11 +137,10 @@ class OnnxBackend:
         return self.runner.state()
 
     def snapshot(self):
-        return dict(self.runner._state), self.runner.seq_len
+        return self.runner.snapshot()
 
     def restore(self, snap) -> None:
-        state, self.runner.seq_len = snap
-        self.runner._state = dict(state)
+        self.runner.restore(snap)
 
 
 class PteBackend:

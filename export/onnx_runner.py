@@ -92,6 +92,16 @@ class OnnxDecoder:
         """ids [N] in chunks of chunk_size -> (last logits [V], bits [N])."""
         return feed_in_chunks(self.step, ids, self.seq_len, self.max_seq_len, self.chunk_size)
 
+    def snapshot(self) -> tuple[dict[str, np.ndarray], int]:
+        """The sequence so far (state and length), to :meth:`restore` later; outputs are never
+        written in place, so no copy is needed."""
+        return dict(self._state), self.seq_len
+
+    def restore(self, snap: tuple[dict[str, np.ndarray], int]) -> None:
+        """Continue from ``snap`` (a :meth:`snapshot`, or any state dict by state name and its length)."""
+        state, self.seq_len = snap
+        self._state = dict(state)
+
     def state(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Copies of the state tensors (all, or ``names``)."""
         return {n: torch.from_numpy(np.array(self._state[n])) for n in (names or self.names)}

@@ -73,12 +73,12 @@ class BackendReport:
         return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
 
 
-def _filled_bytes_differ(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(differing bytes, bytes) over the filled slots of every pool both sides have."""
+def _filled_bytes_differ(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> int:
+    """Differing bytes over the filled slots of every pool both sides have."""
     from adaptive_kv.formats import BIT_WIDTHS
 
     lengths = ref.get("lengths")
-    differ = total = 0
+    differ = 0
     for name, r in ref.items():
         if name not in got or r.dim() != 4:  # pools: [layers, Hkv, C, X]
             continue
@@ -87,8 +87,7 @@ def _filled_bytes_differ(ref: dict[str, torch.Tensor], got: dict[str, torch.Tens
         a = r[:, :, :n].contiguous().view(torch.uint8)
         b = got[name][:, :, :n].contiguous().view(torch.uint8)
         differ += int((a != b).sum())
-        total += a.numel()
-    return differ, total
+    return differ
 
 
 class Validator:
@@ -175,7 +174,7 @@ class Validator:
     def _compare_state(self, name: str, where: dict, ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor], bits: torch.Tensor) -> None:
         """After a step from a shared state: the bytes it wrote into the pools, and the bookkeeping."""
         rep = self.reports[name]
-        differ, _ = _filled_bytes_differ(ref, got)
+        differ = _filled_bytes_differ(ref, got)
         written = sum(self.bytes_per_token[int(b)] for b in bits)
         rep._cache[0] += written - min(differ, written)
         rep._cache[1] += written
@@ -184,15 +183,6 @@ class Validator:
         for n, r in ref.items():
             if r.dim() < 4 and not torch.equal(r, got[n]):
                 self._diverged(name, where, f"state {n} differs")
-
-    @staticmethod
-    def _feed_all(backend, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All positions' logits [N, V] and widths [N] of prefilling ids in chunks."""
-        logits, bits = [], []
-        for chunk in ids.split(backend.chunk_size):
-            lo, bi = backend.step(chunk)
-            logits.append(lo), bits.append(bi)
-        return torch.cat(logits), torch.cat(bits)
 
     def _finish(self, prompts: list[str], steps: int) -> dict:
         ok = True

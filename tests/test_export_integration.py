@@ -101,8 +101,7 @@ def test_onnx_learned_step_matches_eager_from_the_same_state(smol, tmp_path):
     widths = set()
     for i in range(len(steps) + NEW):
         x = steps[i] if i < len(steps) else logits[-1].argmax().reshape(1)  # noqa: F821 (set below)
-        onnx._state = {n: getattr(eager, n).numpy().copy() for n in onnx.names}
-        onnx.seq_len = int(eager.seq_len)
+        onnx.restore(({n: getattr(eager, n).numpy().copy() for n in onnx.names}, int(eager.seq_len)))
         got_logits, got_bits = onnx.step(x)
         logits, bits = eager.step(x)
         assert (got_logits - logits).abs().max().item() <= 1e-2
