@@ -8,12 +8,28 @@ WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-fast demo bench bench-pte clean
+.PHONY: setup system-packages test test-fast demo bench bench-pte clean android-host-test
 
 KVQ_LIB := runtime_ops/build/libkvq_aten.so
-KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp) runtime_ops/CMakeLists.txt runtime_ops/build.py
+KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp runtime_ops/runner/*.h runtime_ops/runner/*.cpp \
+             runtime_ops/cmake/*.cmake) runtime_ops/CMakeLists.txt runtime_ops/build.py
 
-setup: $(STAMP) $(KVQ_LIB)
+setup: system-packages $(STAMP) $(KVQ_LIB)
+
+# Debian tools the device targets need: the aarch64 cross compiler and qemu-user (the emulated
+# target and its tests), sshd/ssh (the ssh target and its test against a local sshd), adb (phones),
+# a JDK (the Android app's JNI bridge tested on the host JVM).
+# Installed when running as root with apt-get; otherwise listed, and those parts are skipped.
+SYSTEM_PACKAGES := qemu-user g++-aarch64-linux-gnu binutils-aarch64-linux-gnu openssh-server openssh-client adb openjdk-17-jdk-headless
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	  echo "note: not installing $$missing (needs root and apt-get): the aarch64, qemu, ssh and JVM parts are skipped"; \
+	fi
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +40,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
-# The kvq C++ kernels (eager + ExecuTorch libraries, sanitized test) into runtime_ops/build/;
-# rebuilt whenever a kernel source changes.
+# The kvq C++ kernels (eager + ExecuTorch libraries, sanitized test) and the native runner into
+# runtime_ops/build/ (dist/: the runner with its libraries); when the cross compiler is there, the
+# same for aarch64 into runtime_ops/build/aarch64/ (qemu and device targets). Rebuilt whenever a
+# source changes.
 $(KVQ_LIB): $(STAMP) $(KVQ_SRC)
 	$(PY) runtime_ops/build.py
+	if command -v aarch64-linux-gnu-g++ >/dev/null; then $(PY) runtime_ops/build.py --target aarch64; \
+	else echo "note: no aarch64-linux-gnu-g++: the aarch64 runner (qemu/ssh/adb targets) is not built"; fi
 	touch $(KVQ_LIB)
 
 test: setup
@@ -66,5 +86,10 @@ bench-pte: bundles/bench-learned-8da4w/manifest.json bundles/bench-fp16-8da4w/ma
 	$(PY) bench/bench_pte_decode.py --bundle adaptive-fp32=bundles/bench-learned-fp32 --bundle fp16cache-fp32=bundles/bench-fp16-fp32 \
 	    --stock stock-fp32=bundles/stock-fp32.pte --depth 4096 --threads 1 --out pte_decode_fp32
 
+# The Android app's JNI bridge + runner library on the host JVM (android_demo/README.md): builds
+# android_demo/build/host and runs the plain-Java harness on a tiny exported bundle.
+android-host-test: setup
+	$(PY) -m pytest -q tests/test_android_host.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info runtime_ops/build bundles
+	rm -rf $(VENV) build *.egg-info runtime_ops/build android_demo/build bundles

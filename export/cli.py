@@ -377,6 +377,86 @@ def run(bundle_dir, prompt, max_new_tokens, temperature, seed, chat, threads, as
 
 
 @main.command()
+@click.argument("bundle_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--target", default="host", show_default=True, help="host, qemu-aarch64, ssh:USER@HOST[:PORT] or adb[:SERIAL].")
+@click.option("--depth", "depths", default="512,2048,4096,8192", show_default=True, help="Tokens already in the cache when decoding starts (comma-separated).")
+@click.option("--gen", default=64, show_default=True, help="Tokens decoded per repetition (EOS ignored).")
+@click.option("--reps", default=3, show_default=True, help="Timed repetitions (mean +- stddev).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
+@click.option("--threads", default=2, show_default=True, help="ExecuTorch thread pool size on the target.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"results": [records], ...} instead of a table.')
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Write a PNG: decode ms/token and KV MiB vs depth.")
+@click.option("--ssh-identity", default=None, type=click.Path(path_type=Path), help="ssh: private key file.")
+@click.option("--ssh-option", "ssh_options", multiple=True, help="ssh: extra -o option, e.g. UserKnownHostsFile=/dev/null (repeat).")
+@click.option("--remote-dir", default=None, help="ssh/adb: folder for the runner and bundles (default /tmp/kvexport; /data/local/tmp/kvexport on adb).")
+def bench(bundle_dirs, target, depths, gen, reps, warmup, threads, as_json, plot_path, ssh_identity, ssh_options, remote_dir):
+    """Prefill and decode ms/token of bundles at given depths, through the native runner on a target."""
+    from rich.progress import Progress
+
+    from . import bundle as B
+    from .device_bench import BenchConfig, parse_depths, plot, provenance, run_bench
+    from .device_targets import open_target
+
+    cfg = BenchConfig(depths=parse_depths(depths), gen=gen, reps=reps, warmup=warmup, threads=threads)
+    with err.status("verifying bundles ..."):
+        bundles = [B.verify(d) for d in bundle_dirs]
+    with err.status(f"connecting to {target} ..."):
+        tgt = open_target(target, ssh_identity, tuple(ssh_options), remote_dir)
+        meta = provenance(tgt)
+    hw = meta["hardware"]
+    err.print(f"target {tgt.name}: {hw.get('arch')} · {hw.get('cpu') or 'cpu ?'} · {hw.get('cores')} cores · {hw.get('os')}")
+    err.print(f"kvexport {meta['versions']['kvexport']} · executorch {meta['versions']['executorch']} · commit {meta['commit']} · "
+              f"{threads} threads · warm-up {warmup} · {reps} reps · gen {gen}")
+    if tgt.relative:
+        err.print("[yellow]emulated: qemu-user has no memory-system model; compare these rows with each other only, "
+                  "they are not device latencies[/]")
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("pushing" if target.startswith(("ssh:", "adb")) else "benchmarking", total=len(bundles) * len(cfg.depths))
+
+        def done(rec: dict) -> None:
+            progress.update(task, advance=1, description=f"{rec['bundle']} @ {rec['depth']}: {rec['decode_ms_per_token']:.2f} ms/token")
+
+        records = run_bench(bundles, tgt, cfg, on_result=done)
+    if plot_path is not None:
+        plot(records, plot_path, f"kvexport bench on {tgt.name} ({hw.get('cpu') or hw.get('arch')}), {threads} threads, gen {gen}"
+             + (" - emulated, relative only" if tgt.relative else ""))
+        err.print(f"plot: {plot_path}")
+    if as_json:
+        click.echo(json.dumps({"results": records, **meta}, indent=2))
+        return
+    table = Table(title=f"kvexport bench · {tgt.name}" + (" (emulated: relative timings)" if tgt.relative else ""))
+    for col in ("bundle", "policy", "weights", "depth", "prefill ms/tok", "decode ms/tok", "first token ms", "KV MiB", "GB/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col in ("bundle", "policy", "weights") else "right")
+    for r in records:
+        rss = f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "n/a"
+        table.add_row(r["bundle"], r["policy"], r["weights"], str(r["depth"]),
+                      f"{r['prefill_ms_per_token']:.2f} ± {r['prefill_ms_std']:.2f}",
+                      f"{r['decode_ms_per_token']:.2f} ± {r['decode_ms_std']:.2f}", f"{r['first_token_ms']:.0f}",
+                      f"{r['kv_bytes'] / 2**20:.1f}", f"{r['gb_per_s']:.2f}", rss)
+    console = Console()
+    Console(width=max(console.width, 150)).print(table)  # piped output too: one line a row
+
+
+@main.group()
+def android() -> None:
+    """The Android demo app (android_demo/): put bundles on a phone."""
+
+
+@android.command("push")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--serial", default=None, help="adb device serial (see `adb devices`); needed when several are attached.")
+@click.option("--name", default=None, help="Folder name on the phone (default: the bundle folder's name).")
+@click.option("--remote-dir", default=None, help="Parent folder on the phone (default: the app's /sdcard/Android/data/dev.kvexport.demo/files/bundles).")
+def android_push(bundle_dir, serial, name, remote_dir):
+    """Verify a bundle and push model.pte, tokenizer.json and manifest.json to the demo app over adb."""
+    from .android import push_bundle
+
+    with err.status(f"verifying and pushing {bundle_dir} ..."):
+        remote = push_bundle(bundle_dir, serial, name=name, remote_root=remote_dir)
+    err.print(f"pushed to {remote}: tap Load in the app")
+
+
+@main.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path), help="Text file, one prompt per line (default: five built-in prompts).")
 @click.option("--steps", default=64, show_default=True, help="Greedy decode steps per prompt after the prefill.")

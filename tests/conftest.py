@@ -43,3 +43,20 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
     tiny_llama(seed=0, vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """One exported tiny bundle (2 layers, rule policy @4.0, context 96, chunk 8, .pte + ONNX),
+    shared by the bundle, native runner and bench tests (its export takes about a minute).
+    Tests copy it before damaging it."""
+    from click.testing import CliRunner
+
+    from export.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-rule"
+    res = CliRunner().invoke(main, ["export", "--model", str(tiny_checkpoint), "--policy", "rule", "--kv-budget-bits", "4.0",
+                                    "--max-seq-len", "96", "--chunk-size", "8", "--out", str(out), "--json"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out

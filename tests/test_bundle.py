@@ -23,12 +23,8 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "tiny-rule"
-    res = invoke("export", "--model", str(tiny_checkpoint), "--policy", "rule", "--kv-budget-bits", "4.0",
-                 "--max-seq-len", "96", "--chunk-size", "8", "--out", str(out), "--json")
-    assert res.exit_code == 0, res.output
-    return out
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 def test_export_writes_a_complete_verified_bundle(bundle_dir, tiny_checkpoint):

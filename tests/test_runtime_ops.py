@@ -359,9 +359,11 @@ def test_cpp_kernel_test_neon_under_qemu(tmp_path):
     cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
     if not (cxx and qemu):
         pytest.skip("no aarch64 cross compiler / qemu-aarch64 on this machine")
-    src = ops.BUILD_DIR.parent / "tests" / "kvq_test.cpp"
-    binary = tmp_path / "kvq_test_aarch64"
-    subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-static", "-o", str(binary), str(src), "-lpthread"], check=True, timeout=300)
-    res = subprocess.run([qemu, str(binary), "quick"], capture_output=True, text=True, timeout=300)
+    binary = ops.BUILD_DIR / "aarch64" / "build" / "kvq_test"  # make setup cross-builds it with the runner
+    if not binary.exists():
+        src = ops.BUILD_DIR.parent / "tests" / "kvq_test.cpp"
+        binary = tmp_path / "kvq_test_aarch64"
+        subprocess.run([cxx, "-std=c++17", "-O2", "-ffp-contract=off", "-static", "-o", str(binary), str(src), "-lpthread"], check=True, timeout=300)
+    res = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(binary), "quick"], capture_output=True, text=True, timeout=300)
     assert "best isa neon" in res.stdout
     assert res.returncode == 0 and " 0 failed" in res.stdout, res.stdout[-3000:]
