@@ -9,11 +9,10 @@ so the app never lists half a bundle.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from . import bundle as B
-from .device_targets import BUNDLE_FILES, CONNECT_TIMEOUT_S, PUSH_TIMEOUT_S, AdbTransport, Transport
+from .device_targets import BUNDLE_FILES, AdbTransport, Transport, push_folder
 
 APP_ID = "dev.kvexport.demo"  # android_demo/app/build.gradle.kts: applicationId
 
@@ -34,10 +33,6 @@ def push_bundle(bundle_dir: str | Path, serial: str | None = None, *, name: str 
     name = name or folder.resolve().name
     if not name or "/" in name or name.startswith("."):
         raise B.BundleError(f"bad bundle name {name!r}: a plain folder name is needed on the phone")
-    t = transport or AdbTransport(serial)
     remote = f"{(remote_root or app_bundles_dir()).rstrip('/')}/{name}"
-    partial, q = f"{remote}.partial", shlex.quote
-    t.check(f"rm -rf {q(partial)} && mkdir -p {q(partial)}", CONNECT_TIMEOUT_S * 3, f"create {partial}")
-    t.push({n: folder / n for n in BUNDLE_FILES}, partial, PUSH_TIMEOUT_S)
-    t.check(f"rm -rf {q(remote)} && mv {q(partial)} {q(remote)}", CONNECT_TIMEOUT_S * 3, f"finish {remote}")
+    push_folder(transport or AdbTransport(serial), {n: folder / n for n in BUNDLE_FILES}, remote)
     return remote

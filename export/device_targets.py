@@ -86,8 +86,8 @@ def runner_failure(res: subprocess.CompletedProcess, where: str) -> TargetError:
 
 def parse_record(stdout: str, where: str) -> dict:
     """The runner's JSON object (the last one on stdout: a remote shell may print banners first)."""
-    starts = [i for i, line in enumerate(stdout.splitlines()) if line.startswith("{")]
     lines = stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("{")]
     for i in reversed(starts):
         try:
             return json.loads("\n".join(lines[i:]))
@@ -105,6 +105,15 @@ def folder_key(files: list[Path]) -> str:
         h.update(str(f.stat().st_size).encode())
         h.update(B.sha256_of(f).encode())
     return h.hexdigest()[:12]
+
+
+def write_inputs(inputs: dict[str, str], folder: Path) -> dict[str, Path]:
+    """{flag: text} -> {flag: file in ``folder``}: the runner reads prompt ids from a file."""
+    out = {}
+    for flag, content in inputs.items():
+        out[flag] = Path(folder) / f"{flag.strip('-')}.txt"
+        out[flag].write_text(content)
+    return out
 
 
 class Target(ABC):
@@ -127,22 +136,18 @@ class Target(ABC):
 
 
 class _LocalTarget(Target):
-    def __init__(self) -> None:
-        self.dist: Path | None = None
+    """The runner started here, on the bundle in place."""
 
+    @abstractmethod
     def _command(self) -> list[str]:
-        raise NotImplementedError
+        """The argv that starts the runner."""
 
     def prepare(self, bundles: list[Path]) -> None:
         pass
 
     def run(self, bundle: Path, runner_args: list[str], inputs: dict[str, str], timeout: float) -> dict:
         with tempfile.TemporaryDirectory(prefix="kvexport-bench-") as tmp:
-            extra: list[str] = []
-            for flag, content in inputs.items():
-                p = Path(tmp) / f"{flag.strip('-')}.txt"
-                p.write_text(content)
-                extra += [flag, str(p)]
+            extra = [a for flag, path in write_inputs(inputs, Path(tmp)).items() for a in (flag, str(path))]
             res = _run([*self._command(), "--bundle", str(Path(bundle).resolve()), *runner_args, *extra],
                        timeout, f"run the benchmark on {self.name}")
         if res.returncode != 0:
@@ -154,7 +159,6 @@ class HostTarget(_LocalTarget):
     name = "host"
 
     def __init__(self) -> None:
-        super().__init__()
         self.dist = runner_dist(host_arch())
 
     def _command(self) -> list[str]:
@@ -171,7 +175,6 @@ class QemuTarget(_LocalTarget):
     relative = True
 
     def __init__(self) -> None:
-        super().__init__()
         self.qemu = shutil.which("qemu-aarch64")
         if self.qemu is None:
             raise TargetError("qemu-aarch64 not found: `apt-get install qemu-user` (or run `make setup` as root)")
@@ -215,6 +218,17 @@ class Transport(ABC):
         if res.returncode != 0:
             raise TargetError(f"could not {what} on {self.where} (exit {res.returncode}): {(res.stderr or res.stdout).strip()[-400:]}")
         return res.stdout
+
+
+def push_folder(transport: Transport, files: dict[str, Path], remote: str, mark_complete: bool = False) -> None:
+    """Push ``files`` into ``remote`` through ``remote.partial``, renamed at the end, so nobody
+    sees half a folder under its name; ``mark_complete`` also leaves a ``.complete`` file in it."""
+    q = shlex.quote
+    partial = f"{remote}.partial"
+    transport.check(f"rm -rf {q(partial)} && mkdir -p {q(partial)}", CONNECT_TIMEOUT_S * 3, f"create {partial}")
+    transport.push(files, partial, PUSH_TIMEOUT_S)
+    mark = f"touch {q(partial)}/.complete && " if mark_complete else ""
+    transport.check(f"{mark}rm -rf {q(remote)} && mv {q(partial)} {q(remote)}", CONNECT_TIMEOUT_S * 3, f"finish {remote}")
 
 
 class SshTransport(Transport):
@@ -303,23 +317,18 @@ class RemoteTarget(Target):
         self._runner_dir: str | None = None
 
     def _push_folder(self, files: dict[str, Path], remote: str) -> None:
-        """Into ``remote`` unless a complete copy is there; a half push never looks complete."""
-        q = shlex.quote
-        done = self.transport.shell(f"test -f {q(remote)}/.complete", CONNECT_TIMEOUT_S * 3)
-        if done.returncode == 0:
-            return
-        tmp = f"{remote}.partial"
-        self.transport.check(f"rm -rf {q(tmp)} && mkdir -p {q(tmp)}", CONNECT_TIMEOUT_S * 3, f"create {tmp}")
-        self.transport.push(files, tmp, PUSH_TIMEOUT_S)
-        self.transport.check(f"touch {q(tmp)}/.complete && rm -rf {q(remote)} && mv {q(tmp)} {q(remote)}",
-                             CONNECT_TIMEOUT_S * 3, f"finish {remote}")
+        """Into ``remote`` unless a complete copy is there already."""
+        done = self.transport.shell(f"test -f {shlex.quote(remote)}/.complete", CONNECT_TIMEOUT_S * 3)
+        if done.returncode != 0:
+            push_folder(self.transport, files, remote, mark_complete=True)
 
     def prepare(self, bundles: list[Path]) -> None:
         dist_files = {str(p.relative_to(self.dist)): p for p in sorted(self.dist.rglob("*")) if p.is_file()}
         self._runner_dir = f"{self.root}/runner-{self.arch}-{folder_key(list(dist_files.values()))}"
         self._push_folder(dist_files, self._runner_dir)
-        self.transport.check(f"chmod +x {shlex.quote(self._runner_dir)}/{RUNNER} {shlex.quote(self._runner_dir)}/lib/ld-linux*",
-                             CONNECT_TIMEOUT_S * 3, "make the runner executable")
+        q = shlex.quote
+        self.transport.check(f"chmod +x {q(self._runner_dir)}/{RUNNER} {q(self._runner_dir)}/lib/ld-linux* && "
+                             f"mkdir -p {q(self._runner_dir)}/inputs", CONNECT_TIMEOUT_S * 3, "make the runner executable")
         for b in bundles:
             files = {n: Path(b) / n for n in BUNDLE_FILES}
             # the manifest holds every file's sha256: its own bytes name the bundle's contents
@@ -332,16 +341,10 @@ class RemoteTarget(Target):
             raise RuntimeError("prepare() the target with this bundle first")
         q = shlex.quote
         with tempfile.TemporaryDirectory(prefix="kvexport-inputs-") as tmp:
-            files = {}
-            for flag, content in inputs.items():
-                p = Path(tmp) / f"{flag.strip('-')}.txt"
-                p.write_text(content)
-                files[p.name] = p
-            inputs_dir = f"{self._runner_dir}/inputs"
-            self.transport.check(f"mkdir -p {q(inputs_dir)}", CONNECT_TIMEOUT_S * 3, "create the inputs folder")
+            files = write_inputs(inputs, Path(tmp))
             if files:
-                self.transport.push(files, inputs_dir, PUSH_TIMEOUT_S)
-        extra = [a for flag in inputs for a in (flag, f"inputs/{flag.strip('-')}.txt")]
+                self.transport.push({p.name: p for p in files.values()}, f"{self._runner_dir}/inputs", PUSH_TIMEOUT_S)
+        extra = [a for flag, path in files.items() for a in (flag, f"inputs/{path.name}")]
         argv = [f"./lib/{_loader(self.dist)}", "--library-path", "./lib", f"./{RUNNER}",
                 "--bundle", self._bundle_dirs[Path(bundle)], *runner_args, *extra]
         res = self.transport.shell(f"cd {q(self._runner_dir)} && {shlex.join(argv)}", timeout)
