@@ -8,7 +8,7 @@ WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup system-packages test test-fast demo bench bench-pte clean android-host-test
+.PHONY: setup system-packages test test-fast demo bench bench-kernels bench-side-by-side bench-pte clean android-host-test
 
 KVQ_LIB := runtime_ops/build/libkvq_aten.so
 KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp runtime_ops/runner/*.h runtime_ops/runner/*.cpp \
@@ -65,10 +65,40 @@ $(DEMO_BUNDLE)/manifest.json: | setup
 demo: setup $(DEMO_BUNDLE)/manifest.json
 	$(VENV)/bin/kvexport run $(DEMO_BUNDLE) --prompt "Give me three tips for staying healthy." --max-new-tokens 64
 
+# Everything below writes JSON + PNG to bench/results/. `make bench` = the kernel microbenchmarks,
+# then the side-by-side run of every KV policy against the peers.
+bench: bench-kernels bench-side-by-side
+
 # Host microbenchmarks (minutes): the attention kernel vs fp32 SDPA, eager decode fused vs reference.
-bench: setup
+bench-kernels: setup
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_decode.py --depth 4096 --threads 1
+
+# Side by side (hours on 2 cores: ~12 exports of 4-9 min, then ~1 h of timing): our bundles (six KV
+# policies x fp32/8da4w weights) through the native runner, transformers' stock ExecuTorch export
+# and llama.cpp (f16/q8_0/q4_0 KV) on the same GGUF, at the same depths and threads, taking turns.
+# Writes bench/RESULTS.md. The deepest depth is 8192 - gen: SmolLM2-135M has 8192 positions.
+SIDE_CTX := 8192
+SIDE_POLICIES := fp16 static-8 static-4 static-2 learned@4.0 learned@3.0
+SIDE_BUNDLES := $(foreach w,8da4w fp32,$(foreach p,$(SIDE_POLICIES),bundles/side-$(p)-$(w)/manifest.json))
+side_export = $(VENV)/bin/kvexport export --policy $(word 1,$(subst @, ,$(1))) \
+    $(if $(word 2,$(subst @, ,$(1))),--kv-budget-bits $(word 2,$(subst @, ,$(1)))) \
+    --weights $(2) --max-seq-len $(SIDE_CTX) --formats pte --out bundles/side-$(1)-$(2) --force
+bundles/side-%-8da4w/manifest.json: | setup
+	$(call side_export,$*,8da4w)
+bundles/side-%-fp32/manifest.json: | setup
+	$(call side_export,$*,fp32)
+bundles/stock-%-$(SIDE_CTX).pte: | setup
+	$(PY) bench/stock_executorch.py --weights $* --max-seq-len $(SIDE_CTX) --depth 0 --steps 2 --out $@
+# llama.cpp is built from source by pip (~7 min); bench/requirements-peers.txt pins it.
+PEERS_STAMP := $(VENV)/.peers-stamp
+$(PEERS_STAMP): bench/requirements-peers.txt | setup
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q --no-deps -r bench/requirements-peers.txt
+	touch $@
+bench-side-by-side: $(SIDE_BUNDLES) bundles/stock-8da4w-$(SIDE_CTX).pte bundles/stock-fp32-$(SIDE_CTX).pte $(PEERS_STAMP)
+	$(PY) bench/bench_side_by_side.py $(foreach b,$(SIDE_BUNDLES),--bundle $(patsubst %/manifest.json,%,$(b))) \
+	    --stock 8da4w=bundles/stock-8da4w-$(SIDE_CTX).pte --stock fp32=bundles/stock-fp32-$(SIDE_CTX).pte \
+	    --llamacpp f16,q8_0,q4_0 --depth 512,2048,4096,8128 --gen 64 --reps 3 --threads 2
 
 # End to end (about an hour on 2 cores, mostly exports): .pte decode at 4096 tokens of context,
 # adaptive vs fp16 cache (same bundle otherwise) vs transformers' stock export, 8da4w and fp32 weights.

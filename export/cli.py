@@ -382,7 +382,7 @@ def run(bundle_dir, prompt, max_new_tokens, temperature, seed, chat, threads, as
 @click.option("--depth", "depths", default="512,2048,4096,8192", show_default=True, help="Tokens already in the cache when decoding starts (comma-separated).")
 @click.option("--gen", default=64, show_default=True, help="Tokens decoded per repetition (EOS ignored).")
 @click.option("--reps", default=3, show_default=True, help="Timed repetitions (mean +- stddev).")
-@click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs per bundle first (at the smallest depth).")
 @click.option("--threads", default=2, show_default=True, help="ExecuTorch thread pool size on the target.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"results": [records], ...} instead of a table.')
 @click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Write a PNG: decode ms/token and KV MiB vs depth.")
@@ -411,12 +411,16 @@ def bench(bundle_dirs, target, depths, gen, reps, warmup, threads, as_json, plot
         err.print("[yellow]emulated: qemu-user has no memory-system model; compare these rows with each other only, "
                   "they are not device latencies[/]")
     with Progress(console=err, transient=True) as progress:
-        task = progress.add_task("pushing" if target.startswith(("ssh:", "adb")) else "benchmarking", total=len(bundles) * len(cfg.depths))
+        task = progress.add_task("pushing" if target.startswith(("ssh:", "adb")) else "benchmarking",
+                                 total=len(bundles) * (cfg.warmup + cfg.reps * len(cfg.depths)))
 
         def done(rec: dict) -> None:
-            progress.update(task, advance=1, description=f"{rec['bundle']} @ {rec['depth']}: {rec['decode_ms_per_token']:.2f} ms/token")
+            err.print(f"{rec['bundle']} @ {rec['depth']}: {rec['decode_ms_per_token']:.2f} ms/token")
 
-        records = run_bench(bundles, tgt, cfg, on_result=done)
+        def ran(what: str) -> None:
+            progress.update(task, advance=1, description=what)
+
+        records = run_bench(bundles, tgt, cfg, on_result=done, on_rep=ran)
     if plot_path is not None:
         plot(records, plot_path, f"kvexport bench on {tgt.name} ({hw.get('cpu') or hw.get('arch')}), {threads} threads, gen {gen}"
              + (" - emulated, relative only" if tgt.relative else ""))

@@ -2,10 +2,16 @@
 
 llama-bench's conventions: depth = tokens already in the cache when decoding starts; warm-up
 runs first, then repetitions reported as mean +- stddev; prefill and decode timed apart; the
-hardware, versions and commit printed beside the numbers. One runner process per (bundle,
-depth) loads the program once and does the warm-up and repetitions itself, each from an empty
-cache. The prefill is real text (WikiText-2 through the bundle's tokenizer), and decoding is
-greedy with EOS ignored so that every repetition decodes exactly ``gen`` tokens.
+hardware, versions and commit printed beside the numbers. The prefill is real text (WikiText-2
+through the bundle's tokenizer), and decoding is greedy with EOS ignored so that every
+repetition decodes exactly ``gen`` tokens.
+
+Engines take turns (``run_rounds``): at each depth, repetition r runs every engine once, in
+reverse order on odd rounds, so a burst of load on the machine lands on all of them alike
+instead of on whichever ran during it. Each repetition starts from an empty cache (for the
+native runner: a fresh process, ``--reps 1``). The warm-up runs come first, per engine, at the
+smallest depth: they page the program in and start the thread pool; a repetition's own prefill
+warms its decode.
 
 Achieved GB/s = (weight bytes + KV bytes read per decoded token) / decode time. The weight
 bytes are the program's bytes less the fp32 embedding table (both weight schemes keep it fp32,
@@ -17,10 +23,11 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata as pkg_metadata
 from pathlib import Path
+from typing import Protocol
 
 from . import bundle as B
 from .device_targets import Target
@@ -117,24 +124,86 @@ def make_record(raw: dict, bundle: B.Bundle, target: Target, cfg: BenchConfig, d
     }
 
 
-def run_bench(bundles: list[B.Bundle], target: Target, cfg: BenchConfig,
-              on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Every bundle at every depth on ``target`` (bundles pushed first when remote)."""
-    for b in bundles:
-        check_fits(b, cfg)
-    target.prepare([b.path for b in bundles])
+class Engine(Protocol):
+    """One thing being timed (a bundle on a target, a peer) as ``run_rounds`` drives it."""
+
+    label: str
+
+    def fits(self, depth: int) -> bool: ...
+
+    def rep(self, depth: int) -> dict:
+        """One repetition from an empty cache: prefill ``depth`` tokens, decode; its raw timings."""
+        ...
+
+    def record(self, depth: int, reps: list[dict]) -> dict:
+        """The repetitions of one depth -> one benchmark row."""
+        ...
+
+
+def run_rounds(engines: Sequence[Engine], cfg: BenchConfig, on_result: Callable[[dict], None] | None = None,
+               on_rep: Callable[[str], None] | None = None) -> list[dict]:
+    """Warm-up runs, then per depth ``cfg.reps`` rounds over the engines that fit it (turns alternate)."""
+    for e in engines:
+        fitting = [d for d in cfg.depths if e.fits(d)]
+        for _ in range(cfg.warmup if fitting else 0):
+            e.rep(fitting[0])
+            if on_rep is not None:
+                on_rep(f"{e.label}: warm-up")
     records = []
-    for b in bundles:
-        ids = depth_prompt(b, max(cfg.depths))
-        for depth in cfg.depths:
-            args = ["--depth", str(depth), "--gen", str(cfg.gen), "--reps", str(cfg.reps), "--warmup", str(cfg.warmup),
-                    "--threads", str(cfg.threads), "--ignore-eos"]
-            raw = target.run(b.path, args, {"--prompt-ids-file": " ".join(map(str, ids[:depth]))}, cfg.timeout_s)
-            rec = make_record(raw, b, target, cfg, depth)
+    for depth in cfg.depths:
+        active = [e for e in engines if e.fits(depth)]
+        reps: list[list[dict]] = [[] for _ in active]
+        for r in range(cfg.reps):
+            for i in (range(len(active)) if r % 2 == 0 else reversed(range(len(active)))):
+                reps[i].append(active[i].rep(depth))
+                if on_rep is not None:
+                    on_rep(f"{active[i].label} @ {depth}: rep {r + 1}/{cfg.reps}")
+        for e, raws in zip(active, reps):
+            rec = e.record(depth, raws)
             records.append(rec)
             if on_result is not None:
                 on_result(rec)
     return records
+
+
+def rounds_total(engines: Sequence[Engine], cfg: BenchConfig) -> int:
+    """How many ``on_rep`` calls ``run_rounds`` makes (for a progress bar)."""
+    return sum((cfg.warmup if any(e.fits(d) for d in cfg.depths) else 0) + cfg.reps * sum(e.fits(d) for d in cfg.depths)
+               for e in engines)
+
+
+class BundleEngine:
+    """A bundle through the native runner on a target: one runner process per repetition."""
+
+    def __init__(self, bundle: B.Bundle, target: Target, cfg: BenchConfig):
+        self.bundle, self.target, self.cfg = bundle, target, cfg
+        self.label = bundle.path.name
+        fitting = [d for d in cfg.depths if self.fits(d)]
+        self.ids = depth_prompt(bundle, max(fitting)) if fitting else []
+
+    def fits(self, depth: int) -> bool:
+        return depth + self.cfg.gen <= self.bundle.manifest["cache"]["max_seq_len"]
+
+    def rep(self, depth: int) -> dict:
+        args = ["--depth", str(depth), "--gen", str(self.cfg.gen), "--reps", "1", "--warmup", "0",
+                "--threads", str(self.cfg.threads), "--ignore-eos"]
+        return self.target.run(self.bundle.path, args, {"--prompt-ids-file": " ".join(map(str, self.ids[:depth]))},
+                               self.cfg.timeout_s)
+
+    def record(self, depth: int, reps: list[dict]) -> dict:
+        raw = dict(reps[-1])  # sizes from the last; the timings of all
+        for key in ("prefill_ms_per_token", "decode_ms_per_token", "first_token_ms"):
+            raw[key] = [x for r in reps for x in r[key]]
+        return make_record(raw, self.bundle, self.target, self.cfg, depth)
+
+
+def run_bench(bundles: list[B.Bundle], target: Target, cfg: BenchConfig,
+              on_result: Callable[[dict], None] | None = None, on_rep: Callable[[str], None] | None = None) -> list[dict]:
+    """Every bundle at every depth on ``target`` (bundles pushed first when remote), taking turns."""
+    for b in bundles:
+        check_fits(b, cfg)
+    target.prepare([b.path for b in bundles])
+    return run_rounds([BundleEngine(b, target, cfg) for b in bundles], cfg, on_result, on_rep)
 
 
 def provenance(target: Target) -> dict:

@@ -19,11 +19,12 @@ from .graph import feed_in_chunks
 class PteDecoder:
     """One sequence at a time through a decoder .pte: ``feed`` chunks, ``generate`` greedily."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, etdump: bool = False):
         from executorch.runtime import Runtime
 
         ops.load_executorch_library()  # the kvq::*.out kernels the program calls
-        self.program = Runtime.get().load_program(str(path))
+        # etdump: ExecuTorch records every kernel and delegate call (bench/profile_pte.py)
+        self.program = Runtime.get().load_program(str(path), enable_etdump=etdump, debug_buffer_size=0)
         self._names = set(self.program.method_names)
         # `state` (validation) is loaded on first use: its planned memory is a copy of the cache
         self._methods = {n: self.program.load_method(n) for n in self._names - {"state"}}
@@ -61,6 +62,10 @@ class PteDecoder:
         (logits,) = self._methods["forward"].execute([ids.reshape(1, t).to(torch.int64), torch.tensor([self.seq_len])])
         self.seq_len += t
         return logits[0]
+
+    def write_etdump(self, path: str | Path) -> None:
+        """The ETDump of every call so far (needs ``etdump=True``); read it with executorch.devtools.Inspector."""
+        self.program.write_etdump_result_to_file(str(path), str(Path(path).with_suffix(".debug.bin")))
 
     def token_bits(self) -> torch.Tensor:
         """int8 [max_seq_len]: the width each cached position < seq_len is stored at (later entries are stale)."""

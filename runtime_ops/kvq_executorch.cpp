@@ -8,6 +8,11 @@
 // Registration: EXECUTORCH_LIBRARY's boxing (1.5.1) accepts exactly one trailing out tensor, and
 // both ops return several, so each gets a small hand-written boxed function registered with
 // register_kernel under the same "kvq::<op>.out" name.
+//
+// Profiling: each kernel opens an operator scope on the run's event tracer, so an ETDump
+// (bench/profile_pte.py) names it "native_call_kvq::<op>.out" like a generated kernel. The scope
+// is compiled in (ET_EVENT_TRACER_ENABLED, set in CMakeLists.txt) and costs a null check when the
+// program runs without a tracer.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/dim_order_util.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
@@ -75,6 +80,7 @@ bool ok_or_fail(KernelRuntimeContext& ctx, const kvq::Error& e) {
 constexpr size_t kPackIn = 3, kPackOut = 3;
 
 void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  executorch::runtime::internal::EventTracerProfileOpScope prof(ctx.internal_event_tracer(), "native_call_kvq::pack_rows.out");
   // The emitter may append one list aggregating the outputs; it duplicates them and is ignored.
   ET_KERNEL_CHECK_MSG(ctx, stack.size() == kPackIn + kPackOut || stack.size() == kPackIn + kPackOut + 1, InvalidProgram, ,
                       "kvq::pack_rows.out: %zu arguments", stack.size());
@@ -110,6 +116,7 @@ void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
 constexpr size_t kAttnPools = 20, kAttnIn = 4 + kAttnPools + 3, kAttnOut = 2;
 
 void packed_attention_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  executorch::runtime::internal::EventTracerProfileOpScope prof(ctx.internal_event_tracer(), "native_call_kvq::packed_attention.out");
   ET_KERNEL_CHECK_MSG(ctx, stack.size() == kAttnIn + kAttnOut || stack.size() == kAttnIn + kAttnOut + 1, InvalidProgram, ,
                       "kvq::packed_attention.out: %zu arguments", stack.size());
   ET_KERNEL_CHECK_MSG(ctx, stack[24]->isDouble() && stack[25]->isInt() && stack[26]->isInt(), InvalidArgument, ,

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from export import bundle as B
 from export.cli import main
-from export.device_bench import BenchConfig, check_fits, depth_prompt, make_record, parse_depths, policy_label, run_bench
+from export.device_bench import (BenchConfig, check_fits, depth_prompt, make_record, parse_depths, policy_label, rounds_total,
+                                 run_bench, run_rounds)
 from export.device_targets import (DIST, RemoteTarget, SshTransport, TargetError, host_arch, open_target, parse_record)
 
 HOST_RUNNER = DIST.get(host_arch(), Path("/nonexistent")) / "kvq_runner"
@@ -95,6 +96,37 @@ def test_depth_prompt_is_real_text_of_the_asked_length(bundle_dir):
     ids = depth_prompt(b, 300)
     assert len(ids) == 300 and len(set(ids)) > 50  # text, not one repeated token
     assert policy_label(b.manifest) == "rule@4"
+
+
+class _Clock:
+    """An engine that logs when it runs; holds contexts up to ``cap`` tokens."""
+
+    def __init__(self, label: str, cap: int, log: list):
+        self.label, self.cap, self.log = label, cap, log
+
+    def fits(self, depth: int) -> bool:
+        return depth <= self.cap
+
+    def rep(self, depth: int) -> dict:
+        self.log.append((self.label, depth))
+        return {"ms": len(self.log)}
+
+    def record(self, depth: int, reps: list[dict]) -> dict:
+        return {"label": self.label, "depth": depth, "runs": [r["ms"] for r in reps]}
+
+
+def test_rounds_take_turns_alternate_and_skip_depths_that_do_not_fit():
+    log: list = []
+    engines = [_Clock("a", 100, log), _Clock("b", 10, log), _Clock("c", 100, log)]
+    cfg = BenchConfig(depths=(10, 100), gen=2, reps=3, warmup=1)
+    seen: list[str] = []
+    recs = run_rounds(engines, cfg, on_rep=seen.append)
+    assert log[:3] == [("a", 10), ("b", 10), ("c", 10)]  # warm-ups at the smallest depth
+    assert [x for x, _ in log[3:12]] == list("abc" "cba" "abc")  # depth 10: turns alternate by round
+    assert [x for x, _ in log[12:]] == list("ac" "ca" "ac")  # b holds 10 tokens: not run at 100
+    assert [(r["label"], r["depth"]) for r in recs] == [("a", 10), ("b", 10), ("c", 10), ("a", 100), ("c", 100)]
+    assert recs[1]["runs"] == [5, 8, 11]  # b's three repetitions, one per round
+    assert len(seen) == len(log) == rounds_total(engines, cfg)
 
 
 class _Named:  # what make_record reads of a target

@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ def test_report_schema_and_kv_bytes(bundle):
     assert out["kv_bytes"] == {str(b): bits.count(b) * per_token.get(b, 0) for b in (2, 4, 8, 16)}
     assert sum(out["kv_bytes"].values()) == out["kv_bytes_total"] > 0
     assert out["kv_bytes_allocated"] == manifest["cache"]["bytes_allocated"]
+
+
+def test_peak_rss_is_the_runners_own_not_its_parents(bundle):
+    """Started by exec from a process holding 1 GiB (as a Python harness does), the runner reports its own peak."""
+    parent = ("import os, sys; ballast = bytearray(1 << 30); ballast[::4096] = b'x' * len(ballast[::4096]); "
+              "os.execv(sys.argv[1], sys.argv[1:])")
+    res = subprocess.run([sys.executable, "-c", parent, str(RUNNER), "--bundle", str(bundle), "--prompt-ids", ids(PROMPT), "--gen", "2"],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 10_000_000 < json.loads(res.stdout)["peak_rss_bytes"] < 512 * 2**20
 
 
 def test_depth_takes_the_first_ids(bundle):

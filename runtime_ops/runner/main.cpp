@@ -186,7 +186,14 @@ std::vector<int64_t> prompt_ids(const Args& a, const kvq::runner::BpeTokenizer& 
   return parse_ids(read_file(a.prompt_ids_file), "--prompt-ids-file");
 }
 
+// This process's own peak RSS. Linux carries getrusage's ru_maxrss across execve, so a runner
+// started by a large parent (a Python harness) would report the parent's peak; VmHWM belongs to
+// the address space exec made.
 int64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtoll(line.c_str() + 6, nullptr, 10) * 1024;  // "VmHWM:  1234 kB"
+  }
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
   return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB
