@@ -64,7 +64,7 @@ def profile(bundle_dir: Path, depth: int, steps: int, threads: int) -> dict:
         dec.write_etdump(etdump)
         inspector = Inspector(etdump_path=str(etdump))
     # The Inspector groups executions with the same event sequence into a block, each event's
-    # perf_data.raw holding one entry per execution: the last big block is the decode steps'.
+    # perf_data.raw holding one entry per execution: the last big block holds the decode steps.
     block = [b for b in inspector.event_blocks if b.name == "Execute" and len(b.events) > 100][-1]
     by_op: dict[str, float] = collections.Counter()
     inside_xnnpack: dict[str, float] = collections.Counter()
@@ -73,7 +73,7 @@ def profile(bundle_dir: Path, depth: int, steps: int, threads: int) -> dict:
     for ev in block.events:
         if ev.perf_data is None:
             continue
-        raw = list(ev.perf_data.raw)
+        raw = list(ev.perf_data.raw)[-steps:]  # prefill chunks can share the block: the decode steps ran last
         runs = max(runs, len(raw))
         ms = sum(raw) / len(raw)
         if ev.name == "Method::execute":
