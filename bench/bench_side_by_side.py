@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling peer scr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from export import bundle as B  # noqa: E402
-from export.device_bench import (BenchConfig, BundleEngine, parse_depths, plot, policy_label,  # noqa: E402
+from export.device_bench import (BenchConfig, BundleEngine, mean_std, parse_depths, plot,  # noqa: E402
                                  provenance, rounds_total, run_rounds)
 from export.device_targets import open_target  # noqa: E402
 
@@ -84,15 +84,14 @@ class StockEngine:
 
     def record(self, depth: int, reps: list[dict]) -> dict:
         m = self.model
-        decode = [r["decode_ms_per_token"] for r in reps]
+        mean, std = mean_std([r["decode_ms_per_token"] for r in reps])
         kv_bytes = 2 * m["layers"] * m["kv_heads"] * self.max_seq_len * m["head_dim"] * 4  # fp32 K and V, every slot read
         weights_bytes = self.path.stat().st_size - 4 * m["vocab_size"] * m["hidden_size"]
-        mean = statistics.fmean(decode)
         return {"target": "host", "engine": "executorch-stock", "bundle": self.path.name,
                 "policy": "stock export (fp32 static cache)", "weights": self.weights,
                 "depth": depth, "gen": self.steps, "threads": self.cfg.threads, "reps": len(reps), "warmup": self.cfg.warmup,
                 "prefill_ms_per_token": None, "prefill_ms_std": None,
-                "decode_ms_per_token": mean, "decode_ms_std": statistics.stdev(decode) if len(decode) > 1 else 0.0,
+                "decode_ms_per_token": mean, "decode_ms_std": std,
                 "first_token_ms": None, "kv_bytes": kv_bytes, "kv_bytes_allocated": kv_bytes, "weights_bytes": weights_bytes,
                 "gb_per_s": (weights_bytes + kv_bytes) / (mean * 1e-3) / 1e9, "peak_rss_bytes": None}
 

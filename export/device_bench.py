@@ -97,14 +97,14 @@ def weights_read_per_token(manifest: dict) -> int:
     return manifest["files"][B.PROGRAM]["bytes"] - 4 * model["vocab_size"] * model["hidden_size"]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def make_record(raw: dict, bundle: B.Bundle, target: Target, cfg: BenchConfig, depth: int) -> dict:
     """The runner's per-repetition numbers -> one benchmark row."""
-    prefill, prefill_std = _mean_std(raw["prefill_ms_per_token"])
-    decode, decode_std = _mean_std(raw["decode_ms_per_token"])
+    prefill, prefill_std = mean_std(raw["prefill_ms_per_token"])
+    decode, decode_std = mean_std(raw["decode_ms_per_token"])
     kv_end = int(raw["kv_bytes_total"])
     cached_end = int(raw["cached_tokens"])  # depth + gen - 1: the last token is chosen, never fed
     kv_read = kv_end * (depth + (cached_end - depth) / 2) / cached_end  # the cache grows through the decode
