@@ -9,7 +9,9 @@ fp32 attention (``F.scaled_dot_product_attention`` over an fp32 cache of the sam
 Cold caches, like a real decode step (30 layers plus the weights pass between two visits of a
 layer's cache): each case cycles through enough copies of the layer ("layers") that the working
 set exceeds 4x the last-level cache. Copy bandwidth: one 256 MiB torch copy, reported both as
-bytes copied / s and as bytes moved (read + written) / s; the fraction uses the larger, moved.
+bytes copied / s and as bytes moved (read + written) / s; the fraction uses the larger, moved
+(``fraction_of_copied_bw`` has the other). Last, the cost of one (token, KV head) at each width
+with hot and with cold caches: the kernel's arithmetic apart from memory.
 
     .venv/bin/python bench/bench_attention.py [--reps 60] [--warmup 10] [--out bench/results/attention.json]
 """
@@ -126,10 +128,40 @@ def bench_case(n_ctx: int, policy: str, threads: int, warmup: int, reps: int, co
         "kvq": summary(kvq),
         "GBps": nbytes / t / 1e9,
         "fraction_of_copy_bw": nbytes / t / 1e9 / copy_bw,
+        "fraction_of_copied_bw": nbytes / t / 1e9 / (copy_bw / 2),  # the other convention: bytes copied / s
         "sdpa_fp32": summary(sdpa) | {"bytes_read": fp32_bytes, "GBps": fp32_bytes / statistics.median(sdpa) / 1e9},
         "speedup_vs_sdpa": statistics.median(sdpa) / t,
         "best": {"GBps": nbytes / min(kvq) / 1e9, "fraction_of_copy_bw": nbytes / min(kvq) / 1e9 / copy_bw, "speedup_vs_sdpa": min(sdpa) / min(kvq)},
     }
+
+
+def compute_per_width(warmup: int, reps: int, n_ctx: int = 2048, rounds: int = 7) -> list[dict]:
+    """Hot-cache cost of one (token, KV head) per width, 1 thread: one layer called over and over
+    (<= 1.6 MB at 2048 tokens, inside L2), so the figure is the kernel's arithmetic, not memory.
+    Side by side with the same call on cold layers, it says whether a width is compute- or
+    memory-bound. This host's speed drifts by tens of percent over minutes, so the widths take
+    turns: ``rounds`` rounds of (every width hot, then cold), ``reps`` calls each, median of all."""
+    torch.set_num_threads(1)
+    cases = []
+    for bits in BIT_WIDTHS:
+        counts = {bits: n_ctx}
+        nbytes = bytes_read(counts)
+        base = make_layer(counts, seed=bits)
+        layers = [{k: t.clone() for k, t in base.items()} for _ in range(max(2, math.ceil(COLD_BYTES / nbytes)))]
+        lengths = torch.tensor([counts.get(b, 0) for b in BIT_WIDTHS], dtype=torch.int64)
+        cases.append((bits, nbytes, base, layers, lengths))
+    q, kc, vc = torch.randn(1, HQ, 1, D), torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D)
+    hot: dict[int, list[float]] = {b: [] for b in BIT_WIDTHS}
+    cold: dict[int, list[float]] = {b: [] for b in BIT_WIDTHS}
+    for _ in range(rounds):
+        for bits, _, base, layers, lengths in cases:
+            hot[bits] += time_calls(lambda i: ops.packed_attention(q, kc, vc, base, lengths, D**-0.5), 1, warmup, reps)
+            cold[bits] += time_calls(lambda i: ops.packed_attention(q, kc, vc, layers[i], lengths, D**-0.5), len(layers), warmup, reps)
+    per = 1e9 / (n_ctx * HKV)
+    return [{"bits": bits, "context": n_ctx, "bytes_read": nbytes, "rounds": rounds, "calls": len(hot[bits]),
+             "hot_us": 1e6 * statistics.median(hot[bits]), "cold_us": 1e6 * statistics.median(cold[bits]),
+             "hot_ns_per_token_head": statistics.median(hot[bits]) * per, "cold_ns_per_token_head": statistics.median(cold[bits]) * per}
+            for bits, nbytes, *_ in cases]
 
 
 def host_info() -> dict:
@@ -163,6 +195,7 @@ def main() -> None:
     cases = [
         bench_case(n, pol, th, args.warmup, args.reps, copy[th]["moved_GBps"]) for n in CONTEXTS for pol in POLICIES for th in THREADS
     ]
+    per_width = compute_per_width(args.warmup, args.reps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "host": info,
@@ -170,6 +203,7 @@ def main() -> None:
         f"median (and best) reported; working set cycled over >= {COLD_BYTES >> 20} MiB of layer copies (cold caches)",
         "copy_bandwidth": {str(k): v for k, v in copy.items()},
         "cases": cases,
+        "compute_per_width": per_width,
     }
     args.out.write_text(json.dumps(result, indent=1))
     print(f"host: {info['cpu']}, {info['cores']} cores, L3 {info['l3']}, torch {info['torch']} ({info['torch_cpu_capability']}), "
@@ -191,6 +225,12 @@ def main() -> None:
         print(f"| {c['context']} | {c['policy']} | {c['threads']} | {c['bytes_read'] / 1e6:.2f} | {k['median_us']:.0f} ({k['best_us']:.0f}) | "
               f"{c['GBps']:.2f} ({b['GBps']:.2f}) | {100 * c['fraction_of_copy_bw']:.0f}% ({100 * b['fraction_of_copy_bw']:.0f}%) | "
               f"{s['median_us']:.0f} ({s['best_us']:.0f}) | {c['speedup_vs_sdpa']:.2f}x ({b['speedup_vs_sdpa']:.2f}x) |")
+    print("\ncost of one (token, KV head) by width, 1 thread, 2048 tokens: hot (one layer, in L2) vs cold (layers cycled); "
+          "widths taking turns over 7 rounds, median\n")
+    print("| bits | MB read | hot ns | cold ns |")
+    print("|---|---|---|---|")
+    for r in per_width:
+        print(f"| {r['bits']} | {r['bytes_read'] / 1e6:.2f} | {r['hot_ns_per_token_head']:.2f} | {r['cold_ns_per_token_head']:.2f} |")
     print(f"\nwrote {args.out}")
 
 

@@ -298,6 +298,7 @@ def make_record(reps: list[dict], model: LlamaCpp, cfg: PeerConfig, kv_type: str
         "depth": depth, "gen": cfg.gen, "threads": cfg.threads, "reps": cfg.reps, "warmup": cfg.warmup,
         "prefill_ms_per_token": prefill, "prefill_ms_std": prefill_std,
         "decode_ms_per_token": decode, "decode_ms_std": decode_std,
+        "decode_ms_reps": [r["decode_ms_per_token"] for r in reps],
         "first_token_ms": statistics.fmean(r["first_token_ms"] for r in reps),
         "kv_bytes": kv_bytes, "weights_bytes": weights_bytes,
         "gb_per_s": gb_per_s(weights_bytes, kv_bytes, depth, cfg.gen, decode),

@@ -115,6 +115,10 @@ def make_record(raw: dict, bundle: B.Bundle, target: Target, cfg: BenchConfig, d
         "depth": depth, "gen": cfg.gen, "threads": cfg.threads, "reps": cfg.reps, "warmup": cfg.warmup,
         "prefill_ms_per_token": prefill, "prefill_ms_std": prefill_std,
         "decode_ms_per_token": decode, "decode_ms_std": decode_std,
+        # every repetition's figure: a shared host's noise comes in bursts, so readers can take
+        # medians or pair the engines' repetitions of one round
+        "decode_ms_median": statistics.median(raw["decode_ms_per_token"]),
+        "decode_ms_reps": list(raw["decode_ms_per_token"]), "prefill_ms_reps": list(raw["prefill_ms_per_token"]),
         "first_token_ms": statistics.fmean(raw["first_token_ms"]),
         "kv_bytes": kv_end, "kv_bytes_by_bits": {int(k): int(v) for k, v in raw["kv_bytes"].items()},
         "kv_bytes_allocated": int(raw["kv_bytes_allocated"]),

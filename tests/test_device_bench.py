@@ -140,6 +140,7 @@ def test_record_aggregates_repetitions(bundle_dir):
     rec = make_record(raw, b, _Named(), BenchConfig(depths=(60,), gen=4, reps=2), 60)
     assert rec["decode_ms_per_token"] == 3.0 and rec["decode_ms_std"] == pytest.approx(2 ** 0.5)
     assert rec["prefill_ms_per_token"] == 2.0 and rec["first_token_ms"] == 15.0
+    assert rec["decode_ms_reps"] == [2.0, 4.0] and rec["prefill_ms_reps"] == [1.0, 3.0] and rec["decode_ms_median"] == 3.0
     kv_read = 400 * 61.5 / 63  # the cache at the middle of the decode
     m = b.manifest["model"]
     weights = b.manifest["files"]["model.pte"]["bytes"] - 4 * m["vocab_size"] * m["hidden_size"]  # less the embedding

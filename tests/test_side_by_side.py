@@ -45,6 +45,15 @@ def test_bars_divide_the_right_rows_and_say_what_was_not_measured():
     assert bars["adaptive@4.0 / llama.cpp fastest KV, depth 2048"]["ratio"] == pytest.approx(8 / 9)
 
 
+def test_paired_ratio_pairs_repetitions_of_the_same_round():
+    num, den = _rec("kvexport", "learned@4", 8128, 12.0), _rec("kvexport", "static-4", 8128, 11.0)
+    num["decode_ms_reps"], den["decode_ms_reps"] = [10.0, 20.0, 6.0], [10.0, 16.0, 6.0]  # round 2 was a slow burst for both
+    assert side.paired_ratio(num, den) == pytest.approx(1.0)  # median of 1.0, 1.25, 1.0
+    den["decode_ms_reps"] = den["decode_ms_reps"][:2]
+    assert side.paired_ratio(num, den) is None  # unequal rounds: nothing to pair
+    assert side.bars([num, _rec("kvexport", "fp16", 8128, 24.0)], 8128)[0]["paired"] is None  # records without repetitions
+
+
 def test_quality_columns_match_policy_labels_to_eval_records():
     quality = [{"task": "hellaswag", "policy": "learned@4.0", "hadamard": True, "accuracy": 0.4, "accuracy_norm": 0.414},
                {"task": "hellaswag", "policy": "learned@3.0", "hadamard": True, "accuracy": 0.4, "accuracy_norm": 0.401},
@@ -71,6 +80,14 @@ def test_a_tiny_run_writes_json_plot_and_report(tiny_bundle, tmp_path):
     text = md.read_text()
     assert "| kvexport | rule@4 | fp32 |" in text and "## Bars" in text
     assert "not measured in this run" in text  # no fp16 / static-4 bundles given
+    assert all(len(r["decode_ms_reps"]) == 2 for r in out["results"])
+
+    # --from-json: the bars and the report again from the records, nothing run
+    md.unlink()
+    res = CliRunner().invoke(side.main, ["--from-json", str(tmp_path / "s.json"), "--results-dir", str(tmp_path), "--markdown", str(md)])
+    assert res.exit_code == 0, res.output
+    assert "| kvexport | rule@4 | fp32 |" in md.read_text()
+    assert json.loads((tmp_path / "s.json").read_text())["results"] == out["results"]
 
 
 def test_profile_names_the_kvq_kernels(tiny_bundle):
