@@ -309,6 +309,7 @@ def main(bundle_dirs, stocks, stock_steps, kv_types, depths, gen, reps, warmup, 
          as_json, from_json):
     if from_json is not None:
         result = json.loads(from_json.read_text())
+        result.setdefault("finished", "(an unfinished run: its .partial.json)")
         result["bars"] = bars(result["results"], max(result["config"]["depths"]))
         return write_outputs(result, quality_path, results_dir, md_path, as_json)
     cfg = BenchConfig(depths=parse_depths(depths), gen=gen, reps=reps, warmup=warmup, threads=threads)
@@ -341,19 +342,29 @@ def main(bundle_dirs, stocks, stock_steps, kv_types, depths, gen, reps, warmup, 
         skipped = [d for d in cfg.depths if not e.fits(d)]
         if skipped:
             err.print(f"[yellow]{e.label}: context too small for depth {', '.join(map(str, skipped))}: skipped there[/]")
+    head = {"command": "python bench/bench_side_by_side.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "config": {"depths": list(cfg.depths), "gen": gen, "reps": reps, "warmup": warmup, "threads": threads,
+                       "stock_steps": stock_steps},
+            "out": out_name, "model_positions": model.get("max_position_embeddings"), "llama_cpp_python": llama_version,
+            "python": platform.python_version(), **meta}
+    # A run takes hours: each finished depth is saved, so a run that dies leaves <out>.partial.json
+    # (its report can be made with --from-json).
+    partial, done = results_dir / f"{out_name}.partial.json", []
+
+    def on_result(r: dict) -> None:
+        done.append(r)
+        err.print(f"{r['engine']} {r['policy']} {r['weights']} @ {r['depth']}: {r['decode_ms_per_token']:.2f} ms/token")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(partial, json.dumps({**head, "partial": True, "results": done}, indent=2) + "\n")
+
     t0 = time.perf_counter()
     with Progress(console=err) as progress:
         task = progress.add_task("benchmarking", total=rounds_total(engines, cfg))
-        records = run_rounds(engines, cfg, on_result=lambda r: err.print(
-            f"{r['engine']} {r['policy']} {r['weights']} @ {r['depth']}: {r['decode_ms_per_token']:.2f} ms/token"),
-            on_rep=lambda what: progress.update(task, advance=1, description=what))
-    result = {"command": "python bench/bench_side_by_side.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": round(time.perf_counter() - t0, 1),
-              "config": {"depths": list(cfg.depths), "gen": gen, "reps": reps, "warmup": warmup, "threads": threads,
-                         "stock_steps": stock_steps},
-              "out": out_name, "model_positions": model.get("max_position_embeddings"), "llama_cpp_python": llama_version, "python": platform.python_version(), **meta,
+        records = run_rounds(engines, cfg, on_result=on_result, on_rep=lambda what: progress.update(task, advance=1, description=what))
+    result = {**head, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "wall_s": round(time.perf_counter() - t0, 1),
               "results": records, "bars": bars(records, max(cfg.depths))}
     write_outputs(result, quality_path, results_dir, md_path, as_json)
+    partial.unlink(missing_ok=True)
 
 
 def write_outputs(result: dict, quality_path: Path, results_dir: Path, md_path: Path, as_json: bool) -> None:

@@ -81,6 +81,7 @@ def test_a_tiny_run_writes_json_plot_and_report(tiny_bundle, tmp_path):
     assert "| kvexport | rule@4 | fp32 |" in text and "## Bars" in text
     assert "not measured in this run" in text  # no fp16 / static-4 bundles given
     assert all(len(r["decode_ms_reps"]) == 2 for r in out["results"])
+    assert not (tmp_path / "s.partial.json").exists()  # a finished run leaves no partial file
 
     # --from-json: the bars and the report again from the records, nothing run
     md.unlink()
@@ -88,6 +89,29 @@ def test_a_tiny_run_writes_json_plot_and_report(tiny_bundle, tmp_path):
     assert res.exit_code == 0, res.output
     assert "| kvexport | rule@4 | fp32 |" in md.read_text()
     assert json.loads((tmp_path / "s.json").read_text())["results"] == out["results"]
+
+
+@pytest.mark.skipif(not RUNNER.is_file(), reason="native runner not built (make setup)")
+def test_a_run_that_dies_leaves_the_finished_depths(tiny_bundle, tmp_path, monkeypatch):
+    real_rep = side.BundleEngine.rep
+
+    def rep(self, depth):
+        if depth == 40:
+            raise RuntimeError("the device went away")
+        return real_rep(self, depth)
+
+    monkeypatch.setattr(side.BundleEngine, "rep", rep)
+    args = ["--bundle", str(tiny_bundle), "--llamacpp", "", "--depth", "16,40", "--gen", "4", "--reps", "1", "--warmup", "0",
+            "--threads", "1", "--results-dir", str(tmp_path), "--out", "s", "--markdown", str(tmp_path / "R.md")]
+    res = CliRunner().invoke(side.main, args)
+    assert isinstance(res.exception, RuntimeError)
+    partial = json.loads((tmp_path / "s.partial.json").read_text())
+    assert partial["partial"] is True and [r["depth"] for r in partial["results"]] == [16]
+    assert not (tmp_path / "s.json").exists()
+    res = CliRunner().invoke(side.main, ["--from-json", str(tmp_path / "s.partial.json"), "--results-dir", str(tmp_path),
+                                         "--markdown", str(tmp_path / "R.md")])
+    assert res.exit_code == 0, res.output
+    assert "unfinished run" in (tmp_path / "R.md").read_text()
 
 
 def test_profile_names_the_kvq_kernels(tiny_bundle):
