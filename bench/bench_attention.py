@@ -63,6 +63,16 @@ def make_layer(counts: dict[int, int], seed: int) -> dict[str, torch.Tensor]:
     return pools
 
 
+def cold_copies(layer: dict[str, torch.Tensor], nbytes: int) -> list[dict[str, torch.Tensor]]:
+    """Copies of a layer in separate memory, enough that cycling through them misses the caches."""
+    return [{k: t.clone() for k, t in layer.items()} for _ in range(max(2, math.ceil(COLD_BYTES / nbytes)))]
+
+
+def lengths_of(counts: dict[int, int]) -> torch.Tensor:
+    """Filled slots of the 2/4/8/16-bit pools: packed_attention's lengths [4] int64."""
+    return torch.tensor([counts.get(b, 0) for b in BIT_WIDTHS], dtype=torch.int64)
+
+
 def bytes_read(counts: dict[int, int]) -> int:
     """K and V bytes of the filled slots (scales and zeros included)."""
     return sum(2 * HKV * n * RowFormat(b, D, G).row_bytes for b, n in counts.items())
@@ -102,10 +112,8 @@ def bench_case(n_ctx: int, policy: str, threads: int, warmup: int, reps: int, co
     torch.set_num_threads(threads)
     counts = split_counts(n_ctx, POLICIES[policy])
     nbytes = bytes_read(counts)
-    n_layers = max(2, math.ceil(COLD_BYTES / nbytes))
-    base = make_layer(counts, seed=n_ctx)
-    layers = [{k: t.clone() for k, t in base.items()} for _ in range(n_layers)]  # separate memory
-    lengths = torch.tensor([counts.get(b, 0) for b in BIT_WIDTHS], dtype=torch.int64)
+    layers = cold_copies(make_layer(counts, seed=n_ctx), nbytes)
+    n_layers, lengths = len(layers), lengths_of(counts)
     q, kc, vc = torch.randn(1, HQ, 1, D), torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D)
     kvq = time_calls(lambda i: ops.packed_attention(q, kc, vc, layers[i], lengths, D**-0.5), n_layers, warmup, reps)
     del layers
@@ -147,9 +155,7 @@ def compute_per_width(warmup: int, reps: int, n_ctx: int = 2048, rounds: int = 7
         counts = {bits: n_ctx}
         nbytes = bytes_read(counts)
         base = make_layer(counts, seed=bits)
-        layers = [{k: t.clone() for k, t in base.items()} for _ in range(max(2, math.ceil(COLD_BYTES / nbytes)))]
-        lengths = torch.tensor([counts.get(b, 0) for b in BIT_WIDTHS], dtype=torch.int64)
-        cases.append((bits, nbytes, base, layers, lengths))
+        cases.append((bits, nbytes, base, cold_copies(base, nbytes), lengths_of(counts)))
     q, kc, vc = torch.randn(1, HQ, 1, D), torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D)
     hot: dict[int, list[float]] = {b: [] for b in BIT_WIDTHS}
     cold: dict[int, list[float]] = {b: [] for b in BIT_WIDTHS}

@@ -84,14 +84,15 @@ class StockEngine:
 
     def record(self, depth: int, reps: list[dict]) -> dict:
         m = self.model
-        mean, std = mean_std([r["decode_ms_per_token"] for r in reps])
+        decode = [r["decode_ms_per_token"] for r in reps]
+        mean, std = mean_std(decode)
         kv_bytes = 2 * m["layers"] * m["kv_heads"] * self.max_seq_len * m["head_dim"] * 4  # fp32 K and V, every slot read
         weights_bytes = self.path.stat().st_size - 4 * m["vocab_size"] * m["hidden_size"]
         return {"target": "host", "engine": "executorch-stock", "bundle": self.path.name,
                 "policy": "stock export (fp32 static cache)", "weights": self.weights,
                 "depth": depth, "gen": self.steps, "threads": self.cfg.threads, "reps": len(reps), "warmup": self.cfg.warmup,
                 "prefill_ms_per_token": None, "prefill_ms_std": None,
-                "decode_ms_per_token": mean, "decode_ms_std": std, "decode_ms_reps": [r["decode_ms_per_token"] for r in reps],
+                "decode_ms_per_token": mean, "decode_ms_std": std, "decode_ms_reps": decode,
                 "first_token_ms": None, "kv_bytes": kv_bytes, "kv_bytes_allocated": kv_bytes, "weights_bytes": weights_bytes,
                 "gb_per_s": (weights_bytes + kv_bytes) / (mean * 1e-3) / 1e9, "peak_rss_bytes": None}
 
@@ -350,11 +351,11 @@ def main(bundle_dirs, stocks, stock_steps, kv_types, depths, gen, reps, warmup, 
     # A run takes hours: each finished depth is saved, so a run that dies leaves <out>.partial.json
     # (its report can be made with --from-json).
     partial, done = results_dir / f"{out_name}.partial.json", []
+    results_dir.mkdir(parents=True, exist_ok=True)
 
     def on_result(r: dict) -> None:
         done.append(r)
         err.print(f"{r['engine']} {r['policy']} {r['weights']} @ {r['depth']}: {r['decode_ms_per_token']:.2f} ms/token")
-        results_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(partial, json.dumps({**head, "partial": True, "results": done}, indent=2) + "\n")
 
     t0 = time.perf_counter()

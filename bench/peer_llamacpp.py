@@ -289,7 +289,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def make_record(reps: list[dict], model: LlamaCpp, cfg: PeerConfig, kv_type: str, depth: int) -> dict:
     prefill, prefill_std = _mean_std([r["prefill_ms_per_token"] for r in reps])
-    decode, decode_std = _mean_std([r["decode_ms_per_token"] for r in reps])
+    decode_reps = [r["decode_ms_per_token"] for r in reps]
+    decode, decode_std = _mean_std(decode_reps)
     kv_bytes = model.kv_shape().bytes_per_token(kv_type) * (depth + cfg.gen)
     weights_bytes = model.weights_bytes()
     return {
@@ -298,7 +299,7 @@ def make_record(reps: list[dict], model: LlamaCpp, cfg: PeerConfig, kv_type: str
         "depth": depth, "gen": cfg.gen, "threads": cfg.threads, "reps": cfg.reps, "warmup": cfg.warmup,
         "prefill_ms_per_token": prefill, "prefill_ms_std": prefill_std,
         "decode_ms_per_token": decode, "decode_ms_std": decode_std,
-        "decode_ms_reps": [r["decode_ms_per_token"] for r in reps],
+        "decode_ms_reps": decode_reps,
         "first_token_ms": statistics.fmean(r["first_token_ms"] for r in reps),
         "kv_bytes": kv_bytes, "weights_bytes": weights_bytes,
         "gb_per_s": gb_per_s(weights_bytes, kv_bytes, depth, cfg.gen, decode),
