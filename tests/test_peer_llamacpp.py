@@ -16,7 +16,7 @@ peer = sys.modules["peer_llamacpp"] = importlib.util.module_from_spec(_spec)  # 
 _spec.loader.exec_module(peer)
 
 SCHEMA = {"target", "engine", "bundle", "policy", "weights", "kv_type", "depth", "gen", "threads", "reps", "warmup",
-          "prefill_ms_per_token", "prefill_ms_std", "decode_ms_per_token", "decode_ms_std", "first_token_ms",
+          "prefill_ms_per_token", "prefill_ms_std", "decode_ms_per_token", "decode_ms_std", "decode_ms_reps", "first_token_ms",
           "kv_bytes", "weights_bytes", "gb_per_s", "versions"}
 
 
