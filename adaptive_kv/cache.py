@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .formats import BIT_WIDTHS, RowFormat, dequantize_rows, quantize_rows
+from .formats import BIT_WIDTHS, QUERY_BITS, RowFormat, dequantize_rows, quantize_rows
 from .hadamard import rotate
 
 
@@ -125,8 +125,11 @@ class CacheConfig:
     layout: CacheLayout
     group_size: int = 64
     hadamard: bool = True  # K/V are stored in the Hadamard-rotated basis
+    query_bits: int = 32  # how attention reads the cache: fp32 query, or int8 query rows (formats.quantize_query)
 
     def __post_init__(self) -> None:
+        if self.query_bits not in QUERY_BITS:
+            raise ValueError(f"query_bits={self.query_bits}: the attention's query is fp32 (32) or int8 rows (8)")
         for b in self.layout.pool_bits:
             RowFormat(b, self.head_dim, self.group_size)  # validates group_size against head_dim
 

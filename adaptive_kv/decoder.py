@@ -23,6 +23,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .attention import attend_blocks
 from .cache import PackedKVCache
 from .features import attention_variance
+from .formats import quantize_query
 from .hadamard import rotate
 from .model import head_dim_of
 
@@ -111,15 +112,17 @@ class PackedLlama(nn.Module):
             if self.kernel == "fused":
                 pools = [None if n is None else buffers[n][i] for n in pool_names]
                 o, sum_p2 = torch.ops.kvq.packed_attention(
-                    q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), lengths, *pools, self.scale, cache.config.group_size
+                    q.float().contiguous(), k.float().contiguous(), v.float().contiguous(), lengths, *pools, self.scale, cache.config.group_size,
+                    -1, cache.config.query_bits,
                 )  # [B, Hq, T, D], [B, Hq, T]
             else:
+                int8_query = cache.config.query_bits == 8  # the op's definition: int8 rows of q * scale, then no scale
                 state = attend_blocks(
-                    q.reshape(b, hkv, g * t, d),  # query head h uses KV head h // G
+                    (quantize_query(q.float() * self.scale) if int8_query else q).reshape(b, hkv, g * t, d),  # query head h uses KV head h // G
                     cache.blocks(i, self.block_size),
                     k,
                     v,
-                    self.scale,
+                    1.0 if int8_query else self.scale,
                     with_stats=with_stats and last,
                 )
                 o = state.output().view(b, hq, t, d)

@@ -53,6 +53,7 @@ class EvalConfig:
     hadamard: bool = True
     group_size: int = 64
     seed: int = 0
+    query_bits: int = 32  # 8: attention with int8 query rows (CacheConfig.query_bits)
 
     def __post_init__(self) -> None:
         if self.task not in ALL_TASKS:
@@ -77,6 +78,7 @@ class EvalResult:
     hadamard: bool = True
     chunk_size: int = 32
     context: int | None = None
+    query_bits: int = 32
     _bits_tokens: float = field(default=0.0, repr=False)
     _tokens: int = field(default=0, repr=False)
 
@@ -114,21 +116,27 @@ class Evaluator:
         config: EvalConfig,
         progress: bool = True,
         hadamard: list[bool] | None = None,
+        query_bits: list[int] | None = None,
     ):
-        """``hadamard`` overrides config.hadamard per policy (to compare both in one pass)."""
+        """``hadamard`` / ``query_bits`` override the config's per policy (to compare both in one pass)."""
         self.decoder, self.tokenizer, self.config, self.progress = decoder, tokenizer, config, progress
         long_task = config.task in ("wikitext2", "passkey")
         max_len = config.context if long_task else max(config.context, 512)
         rot = hadamard if hadamard is not None else [config.hadamard] * len(policies)
         if len(rot) != len(policies):
             raise ValueError(f"{len(rot)} hadamard flags for {len(policies)} policies")
+        qbits = query_bits if query_bits is not None else [config.query_bits] * len(policies)
+        if len(qbits) != len(policies):
+            raise ValueError(f"{len(qbits)} query_bits for {len(policies)} policies")
         self.sessions = [
-            Session(decoder, p, SessionConfig(max_seq_len=max_len, chunk_size=config.chunk_size, group_size=config.group_size, hadamard=h))
-            for p, h in zip(policies, rot)
+            Session(decoder, p, SessionConfig(max_seq_len=max_len, chunk_size=config.chunk_size, group_size=config.group_size, hadamard=h,
+                                              query_bits=qb))
+            for p, h, qb in zip(policies, rot, qbits)
         ]
         self.results = [
-            EvalResult(config.task, p.name, hadamard=h, chunk_size=config.chunk_size, context=config.context if long_task else None)
-            for p, h in zip(policies, rot)
+            EvalResult(config.task, p.name, hadamard=h, chunk_size=config.chunk_size, context=config.context if long_task else None,
+                       query_bits=qb)
+            for p, h, qb in zip(policies, rot, qbits)
         ]
         self.any_features = any(p.needs_features for p in policies)
         self.oracles = [i for i, p in enumerate(policies) if hasattr(p, "prepare")]

@@ -170,3 +170,18 @@ def fake_quantize(x: torch.Tensor, bits: int, group_size: int = 64, clip_search:
         return x.to(torch.float16).to(x.dtype)
     fmt = RowFormat(bits, x.shape[-1], group_size)
     return dequantize_rows(*quantize_rows(x, fmt, clip_search), fmt, dtype=x.dtype)
+
+
+QUERY_BITS = (32, 8)  # the attention's query precision: fp32, or int8 rows
+
+
+def quantize_query(qs: torch.Tensor) -> torch.Tensor:
+    """Query rows [..., D] (already times the softmax scale) -> q_hat = q8 * s, s = max|row| / 127.
+
+    The int8 query of ``kvq::packed_attention(query_bits=8)``: one symmetric scale per row, ties
+    to even. Keys are then scored with integer dot products (runtime_ops/kvq_kernels.h); every
+    implementation runs these fp32 steps in this order, since a differently rounded s or quotient
+    moves a q8 value by one."""
+    s = qs.abs().amax(-1, keepdim=True) / 127.0  # [..., 1]
+    q8 = torch.where(s > 0, torch.round(qs / torch.where(s > 0, s, 1.0)).clamp(-127, 127), 0.0)
+    return q8 * s

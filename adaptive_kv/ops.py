@@ -20,7 +20,7 @@ ExecuTorch program calls):
     kvq::packed_attention(Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths,
                           Tensor? k2, Tensor? k2_scale, Tensor? k2_zero, Tensor? v2, Tensor? v2_scale, Tensor? v2_zero,
                           ... the same six for 4 and 8 bits ..., Tensor? k16, Tensor? v16,
-                          float scale, int group_size=64, int layer=-1) -> (Tensor, Tensor)
+                          float scale, int group_size=64, int layer=-1, int query_bits=32) -> (Tensor, Tensor)
         q: [B, Hq, T, D], k_chunk / v_chunk: [B, Hkv, T, D] float32 (the current chunk, attended
         causally); pools: one layer of :class:`~adaptive_kv.cache.PackedKVCache` (``k4``: uint8
         [Hkv, C, D*4/8], ``k4_scale``: fp16 [Hkv, C, D/G], ``k16``: fp16 [Hkv, C, D], ...), absent
@@ -29,7 +29,9 @@ ExecuTorch program calls):
         layer's ([layers, Hkv, C, ...], the cache's own buffers) and layer ``layer`` is read in place
         (an exported graph that selected the layer itself would copy it on every call). Returns out
         [B, Hq, T, D] float32 and sum_p2 [B, Hq, T] (sum_j p_j^2 of each query row). Query head h
-        uses KV head h // (Hq/Hkv).
+        uses KV head h // (Hq/Hkv). ``query_bits=8`` defines the op on the int8 query rows of
+        :func:`~adaptive_kv.formats.quantize_query` (q * scale quantized per row), which the
+        kernel scores packed keys with in integer arithmetic; 32 keeps q in fp32.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import BIT_WIDTHS, PACKED_BIT_WIDTHS, RowFormat, dequantize_rows, quantize_rows
+from .formats import BIT_WIDTHS, PACKED_BIT_WIDTHS, QUERY_BITS, RowFormat, dequantize_rows, quantize_query, quantize_rows
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "runtime_ops" / "build"
 ATEN_LIBRARY = BUILD_DIR / "libkvq_aten.so"
@@ -55,7 +57,7 @@ POOL_ARGS: tuple[str, ...] = tuple(
 
 _POOL_SCHEMA = ", ".join(f"Tensor? {name}" for name in POOL_ARGS)
 _PACK_ARGS = "Tensor x, int bits, int group_size=64"
-_ATTN_ARGS = f"Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths, {_POOL_SCHEMA}, float scale, int group_size=64, int layer=-1"
+_ATTN_ARGS = f"Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths, {_POOL_SCHEMA}, float scale, int group_size=64, int layer=-1, int query_bits=32"
 
 torch.library.define("kvq::pack_rows", f"({_PACK_ARGS}) -> (Tensor, Tensor, Tensor)")
 torch.library.define(
@@ -112,20 +114,21 @@ def _attention_shapes(q, k_chunk, v_chunk, lengths, pools: Mapping[str, torch.Te
             _check(x.dtype == dt and tuple(x.shape) == want, f"{n} must be {dt} {list(want)}, got {x.dtype} {tuple(x.shape)}")
 
 
-_ATTN_NAMES = ("q", "k_chunk", "v_chunk", "lengths", *POOL_ARGS, "scale", "group_size", "layer")
+_ATTN_NAMES = ("q", "k_chunk", "v_chunk", "lengths", *POOL_ARGS, "scale", "group_size", "layer", "query_bits")
 
 
 def _bind(args: tuple, kwargs: dict) -> dict:
     """packed_attention arguments by name (the dispatcher may pass any of them as keywords)."""
-    bound = {n: None for n in POOL_ARGS} | {"group_size": 64, "layer": -1}
+    bound = {n: None for n in POOL_ARGS} | {"group_size": 64, "layer": -1, "query_bits": 32}
     bound.update(zip(_ATTN_NAMES, args))
     bound.update(kwargs)
     return bound
 
 
 def _attention_call(args: tuple, kwargs: dict):
-    """-> (q, k_chunk, v_chunk, lengths, pools, scale, group_size), shapes validated."""
+    """-> (q, k_chunk, v_chunk, lengths, pools, scale, group_size, query_bits), shapes validated."""
     a = _bind(args, kwargs)
+    _check(a["query_bits"] in QUERY_BITS, f"query_bits={a['query_bits']}: the query is fp32 (32) or int8 rows (8)")
     pools = {n: a[n] for n in POOL_ARGS}
     if a["layer"] >= 0:  # whole-model pools: read one layer
         for n, x in pools.items():
@@ -133,7 +136,7 @@ def _attention_call(args: tuple, kwargs: dict):
                 _check(x.dim() >= 2 and a["layer"] < x.shape[0], f"layer={a['layer']}: {n} must be [layers, Hkv, capacity, X] with more layers, got {tuple(x.shape)}")
                 pools[n] = x[a["layer"]]
     _attention_shapes(a["q"], a["k_chunk"], a["v_chunk"], a["lengths"], pools, a["group_size"])
-    return a["q"], a["k_chunk"], a["v_chunk"], a["lengths"], pools, a["scale"], a["group_size"]
+    return a["q"], a["k_chunk"], a["v_chunk"], a["lengths"], pools, a["scale"], a["group_size"], a["query_bits"]
 
 
 # ---- fake kernels: what torch.export traces --------------------------------------------------
@@ -173,7 +176,7 @@ def reference_packed_attention(*args, **kwargs) -> tuple[torch.Tensor, torch.Ten
     """Dequantize every filled pool slot, append the chunk, plain causal softmax attention.
 
     Takes the op's arguments (positional in schema order, or by name)."""
-    q, k_chunk, v_chunk, lengths, pools, scale, group_size = _attention_call(args, kwargs)
+    q, k_chunk, v_chunk, lengths, pools, scale, group_size, query_bits = _attention_call(args, kwargs)
     b, hq, t, d = q.shape
     hkv = k_chunk.shape[1]
     keys, values = [torch.zeros(hkv, 0, d)], [torch.zeros(hkv, 0, d)]
@@ -192,7 +195,10 @@ def reference_packed_attention(*args, **kwargs) -> tuple[torch.Tensor, torch.Ten
     v_all = torch.cat([torch.cat(values, 1).expand(b, -1, -1, -1), v_chunk.float()], dim=2)
     g = hq // hkv  # query head h uses KV head h // g
     k_all, v_all = k_all.repeat_interleave(g, dim=1), v_all.repeat_interleave(g, dim=1)  # [B, Hq, N+T, D]
-    s = (q.float() @ k_all.transpose(-1, -2)) * scale  # [B, Hq, T, N+T]
+    if query_bits == 8:  # scale first: the int8 rows are of q * scale
+        s = quantize_query(q.float() * scale) @ k_all.transpose(-1, -2)  # [B, Hq, T, N+T]
+    else:
+        s = (q.float() @ k_all.transpose(-1, -2)) * scale
     # cache keys are all visible; chunk key j is visible to chunk query i when j <= i
     visible = torch.ones(t, n_cache + t, dtype=torch.bool)
     visible[:, n_cache:] = torch.ones(t, t, dtype=torch.bool).tril()
@@ -310,10 +316,11 @@ def packed_attention(
     scale: float,
     group_size: int = 64,
     layer: int = -1,
+    query_bits: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention over one layer's pools, or layer ``layer`` of whole-model pools (see the
     module docstring) -> (out, sum_p2)."""
     unknown = set(pools) - set(POOL_ARGS)
     if unknown:
         raise ValueError(f"unknown pool tensors {sorted(unknown)}; expected names from {POOL_ARGS}")
-    return torch.ops.kvq.packed_attention(q, k_chunk, v_chunk, lengths, *(pools.get(n) for n in POOL_ARGS), scale, group_size, layer)
+    return torch.ops.kvq.packed_attention(q, k_chunk, v_chunk, lengths, *(pools.get(n) for n in POOL_ARGS), scale, group_size, layer, query_bits)

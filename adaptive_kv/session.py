@@ -24,6 +24,7 @@ class SessionConfig:
     chunk_size: int = 32  # prefill chunk: tokens of one chunk see each other at full precision
     group_size: int = 64
     hadamard: bool = True
+    query_bits: int = 32  # 8: attention scores keys with int8 query rows (CacheConfig.query_bits)
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0 or self.max_seq_len <= 0:
@@ -46,6 +47,7 @@ class Session:
             layout=policy.layout(config.max_seq_len),
             group_size=config.group_size,
             hadamard=config.hadamard,
+            query_bits=config.query_bits,
         )
         self.cache = PackedKVCache(cache_cfg)
         self.rarity = RarityTracker(decoder.vocab_size)

@@ -13,6 +13,10 @@ bytes copied / s and as bytes moved (read + written) / s; the fraction uses the 
 (``fraction_of_copied_bw`` has the other). Last, the cost of one (token, KV head) at each width
 with hot and with cold caches: the kernel's arithmetic apart from memory.
 
+Every kernel figure is taken for both query precisions (``query_bits`` 32: fp32 query, 8: int8
+query rows scored with integer dot products), taking turns within each case so host drift hits
+both alike.
+
     .venv/bin/python bench/bench_attention.py [--reps 60] [--warmup 10] [--out bench/results/attention.json]
 """
 
@@ -39,6 +43,7 @@ POLICIES = {"static-4": {4: 1.0}, "mix 2/4/8/16 = 45/40/10/5%": {2: 0.45, 4: 0.4
 CONTEXTS = (4096, 8192)
 THREADS = (1, 2)
 COLD_BYTES = 4 * 32 * 2**20  # 4x this host's 32 MiB L3: every visit of a layer misses the caches
+QUERY_BITS = (32, 8)
 
 
 def split_counts(n: int, fractions: dict[int, float]) -> dict[int, int]:
@@ -115,7 +120,10 @@ def bench_case(n_ctx: int, policy: str, threads: int, warmup: int, reps: int, co
     layers = cold_copies(make_layer(counts, seed=n_ctx), nbytes)
     n_layers, lengths = len(layers), lengths_of(counts)
     q, kc, vc = torch.randn(1, HQ, 1, D), torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D)
-    kvq = time_calls(lambda i: ops.packed_attention(q, kc, vc, layers[i], lengths, D**-0.5), n_layers, warmup, reps)
+    per_qb: dict[int, list[float]] = {qb: [] for qb in QUERY_BITS}
+    for _ in range(3):  # the query precisions take turns
+        for qb in QUERY_BITS:
+            per_qb[qb] += time_calls(lambda i: ops.packed_attention(q, kc, vc, layers[i], lengths, D**-0.5, query_bits=qb), n_layers, warmup, reps // 3)
     del layers
 
     # fp32 baseline: the same number of keys (cache + the chunk) in an fp32 cache, GQA via SDPA
@@ -125,7 +133,18 @@ def bench_case(n_ctx: int, policy: str, threads: int, warmup: int, reps: int, co
     sdpa = time_calls(lambda i: F.scaled_dot_product_attention(q, *kv32[i], enable_gqa=True), n_fp, warmup, reps)
     del kv32
 
-    t = statistics.median(kvq)
+    def figures(kvq: list[float]) -> dict:
+        t = statistics.median(kvq)
+        return {
+            "kvq": summary(kvq),
+            "GBps": nbytes / t / 1e9,
+            "fraction_of_copy_bw": nbytes / t / 1e9 / copy_bw,
+            "fraction_of_copied_bw": nbytes / t / 1e9 / (copy_bw / 2),  # the other convention: bytes copied / s
+            "speedup_vs_sdpa": statistics.median(sdpa) / t,
+            "best": {"GBps": nbytes / min(kvq) / 1e9, "fraction_of_copy_bw": nbytes / min(kvq) / 1e9 / copy_bw,
+                     "fraction_of_copied_bw": nbytes / min(kvq) / 1e9 / (copy_bw / 2), "speedup_vs_sdpa": min(sdpa) / min(kvq)},
+        }
+
     return {
         "context": n_ctx,
         "policy": policy,
@@ -133,13 +152,9 @@ def bench_case(n_ctx: int, policy: str, threads: int, warmup: int, reps: int, co
         "counts": {str(b): n for b, n in counts.items()},
         "bytes_read": nbytes,
         "layers_cycled": n_layers,
-        "kvq": summary(kvq),
-        "GBps": nbytes / t / 1e9,
-        "fraction_of_copy_bw": nbytes / t / 1e9 / copy_bw,
-        "fraction_of_copied_bw": nbytes / t / 1e9 / (copy_bw / 2),  # the other convention: bytes copied / s
         "sdpa_fp32": summary(sdpa) | {"bytes_read": fp32_bytes, "GBps": fp32_bytes / statistics.median(sdpa) / 1e9},
-        "speedup_vs_sdpa": statistics.median(sdpa) / t,
-        "best": {"GBps": nbytes / min(kvq) / 1e9, "fraction_of_copy_bw": nbytes / min(kvq) / 1e9 / copy_bw, "speedup_vs_sdpa": min(sdpa) / min(kvq)},
+        "query_bits": {str(qb): figures(ts) for qb, ts in per_qb.items()},
+        "q8_speedup_vs_q32": statistics.median(per_qb[32]) / statistics.median(per_qb[8]),
     }
 
 
@@ -157,17 +172,21 @@ def compute_per_width(warmup: int, reps: int, n_ctx: int = 2048, rounds: int = 7
         base = make_layer(counts, seed=bits)
         cases.append((bits, nbytes, base, cold_copies(base, nbytes), lengths_of(counts)))
     q, kc, vc = torch.randn(1, HQ, 1, D), torch.randn(1, HKV, 1, D), torch.randn(1, HKV, 1, D)
-    hot: dict[int, list[float]] = {b: [] for b in BIT_WIDTHS}
-    cold: dict[int, list[float]] = {b: [] for b in BIT_WIDTHS}
+    keys = [(bits, qb) for bits in BIT_WIDTHS for qb in QUERY_BITS]
+    hot: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
+    cold: dict[tuple[int, int], list[float]] = {k: [] for k in keys}
     for _ in range(rounds):
         for bits, _, base, layers, lengths in cases:
-            hot[bits] += time_calls(lambda i: ops.packed_attention(q, kc, vc, base, lengths, D**-0.5), 1, warmup, reps)
-            cold[bits] += time_calls(lambda i: ops.packed_attention(q, kc, vc, layers[i], lengths, D**-0.5), len(layers), warmup, reps)
+            for qb in QUERY_BITS:
+                call = lambda x: ops.packed_attention(q, kc, vc, x, lengths, D**-0.5, query_bits=qb)  # noqa: E731
+                hot[bits, qb] += time_calls(lambda i: call(base), 1, warmup, reps)
+                cold[bits, qb] += time_calls(lambda i: call(layers[i]), len(layers), warmup, reps)
     per = 1e9 / (n_ctx * HKV)
-    return [{"bits": bits, "context": n_ctx, "bytes_read": nbytes, "rounds": rounds, "calls": len(hot[bits]),
-             "hot_us": 1e6 * statistics.median(hot[bits]), "cold_us": 1e6 * statistics.median(cold[bits]),
-             "hot_ns_per_token_head": statistics.median(hot[bits]) * per, "cold_ns_per_token_head": statistics.median(cold[bits]) * per}
-            for bits, nbytes, *_ in cases]
+    size = {bits: nbytes for bits, nbytes, *_ in cases}
+    return [{"bits": bits, "query_bits": qb, "context": n_ctx, "bytes_read": size[bits], "rounds": rounds, "calls": len(hot[bits, qb]),
+             "hot_us": 1e6 * statistics.median(hot[bits, qb]), "cold_us": 1e6 * statistics.median(cold[bits, qb]),
+             "hot_ns_per_token_head": statistics.median(hot[bits, qb]) * per, "cold_ns_per_token_head": statistics.median(cold[bits, qb]) * per}
+            for bits, qb in keys]
 
 
 def host_info() -> dict:
@@ -224,19 +243,24 @@ def main() -> None:
         print(f"copy bandwidth, {th} thread(s): {c['copied_GBps']:.1f} GB/s copied = {c['moved_GBps']:.1f} GB/s moved (read + write)")
     print(f"\n{result['method']}\n")
     print("median of the timed calls, and in brackets the best call (the uncontended figure on a shared machine)\n")
-    print("| context | policy | threads | MB read | kvq us | GB/s | % of copy bw | fp32 SDPA us | speedup vs SDPA |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| context | policy | threads | query | MB read | kvq us | GB/s | % of copy bw (moved) | % of copied bw | fp32 SDPA us | speedup vs SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cases:
-        k, s, b = c["kvq"], c["sdpa_fp32"], c["best"]
-        print(f"| {c['context']} | {c['policy']} | {c['threads']} | {c['bytes_read'] / 1e6:.2f} | {k['median_us']:.0f} ({k['best_us']:.0f}) | "
-              f"{c['GBps']:.2f} ({b['GBps']:.2f}) | {100 * c['fraction_of_copy_bw']:.0f}% ({100 * b['fraction_of_copy_bw']:.0f}%) | "
-              f"{s['median_us']:.0f} ({s['best_us']:.0f}) | {c['speedup_vs_sdpa']:.2f}x ({b['speedup_vs_sdpa']:.2f}x) |")
-    print("\ncost of one (token, KV head) by width, 1 thread, 2048 tokens: hot (one layer, in L2) vs cold (layers cycled); "
-          "widths taking turns over 7 rounds, median\n")
-    print("| bits | MB read | hot ns | cold ns |")
-    print("|---|---|---|---|")
+        s = c["sdpa_fp32"]
+        for qb, f in c["query_bits"].items():
+            k, b = f["kvq"], f["best"]
+            print(f"| {c['context']} | {c['policy']} | {c['threads']} | {'fp32' if qb == '32' else 'int8'} | {c['bytes_read'] / 1e6:.2f} | "
+                  f"{k['median_us']:.0f} ({k['best_us']:.0f}) | {f['GBps']:.2f} ({b['GBps']:.2f}) | "
+                  f"{100 * f['fraction_of_copy_bw']:.0f}% ({100 * b['fraction_of_copy_bw']:.0f}%) | "
+                  f"{100 * f['fraction_of_copied_bw']:.0f}% ({100 * b['fraction_of_copied_bw']:.0f}%) | "
+                  f"{s['median_us']:.0f} ({s['best_us']:.0f}) | {f['speedup_vs_sdpa']:.2f}x ({b['speedup_vs_sdpa']:.2f}x) |")
+    print("\ncost of one (token, KV head) by width and query precision, 1 thread, 2048 tokens: hot (one layer, in L2) vs cold "
+          "(layers cycled); widths taking turns over 7 rounds, median\n")
+    print("| bits | query | MB read | hot ns | cold ns |")
+    print("|---|---|---|---|---|")
     for r in per_width:
-        print(f"| {r['bits']} | {r['bytes_read'] / 1e6:.2f} | {r['hot_ns_per_token_head']:.2f} | {r['cold_ns_per_token_head']:.2f} |")
+        print(f"| {r['bits']} | {'fp32' if r['query_bits'] == 32 else 'int8'} | {r['bytes_read'] / 1e6:.2f} | "
+              f"{r['hot_ns_per_token_head']:.2f} | {r['cold_ns_per_token_head']:.2f} |")
     print(f"\nwrote {args.out}")
 
 

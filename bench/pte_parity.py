@@ -130,7 +130,8 @@ def main(bundle_dir, tokens, n_prompts, program, noise_floor):
 
     def eager_decoder(max_seq_len: int):
         return build_decoder(model, policy, PteConfig(max_seq_len=max_seq_len, chunk_size=opts["chunk_size"], weights=opts["weights"],
-                                                      kv_group_size=opts["kv_group_size"], hadamard=opts["hadamard"]))
+                                                      kv_group_size=opts["kv_group_size"], hadamard=opts["hadamard"],
+                                                      query_bits=opts.get("query_bits", 32)))
 
     eager = eager_decoder(opts["max_seq_len"])
     checked = PteDecoder(program) if program else runner.decoder

@@ -54,7 +54,8 @@ class BundleEvaluator:
         pol = self.bundle.manifest["policy"]
         budget = f"@{pol['kv_budget_bits']}" if pol.get("kv_budget_bits") else ""
         self.result = EvalResult(config.task, f"{pol['name']}{budget} [{backend}]", chunk_size=self.backend.chunk_size,
-                                 hadamard=cache["hadamard"], context=config.context if config.task == "wikitext2" else None)
+                                 hadamard=cache["hadamard"], context=config.context if config.task == "wikitext2" else None,
+                                 query_bits=cache.get("query_bits", 32))
 
     def _count_cache(self) -> None:
         """Add the cached tokens' storage bits to the result's average."""

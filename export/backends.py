@@ -51,7 +51,8 @@ def reference_decoder(bundle: B.Bundle) -> tuple[ExportableDecoder, list[str]]:
         if want and B.sha256_of(Path(controller)) != want:
             warnings.append(f"controller {controller} is not the file the bundle was exported with (sha256 differs)")
     policy = make_policy(o["policy"], controller=controller, model_id=model_id(model), budget_bits=o.get("budget_bits"))
-    config = PteConfig(max_seq_len=o["max_seq_len"], weights=o["weights"], chunk_size=o["chunk_size"], kv_group_size=o["kv_group_size"], hadamard=o["hadamard"])
+    config = PteConfig(max_seq_len=o["max_seq_len"], weights=o["weights"], chunk_size=o["chunk_size"], kv_group_size=o["kv_group_size"], hadamard=o["hadamard"],
+                       query_bits=o.get("query_bits", 32))  # bundles from before query_bits: fp32
     return build_decoder(model, policy, config), warnings
 
 

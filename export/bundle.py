@@ -82,6 +82,7 @@ def cache_plan(decoder) -> dict:
         "chunk_size": decoder.chunk_size,
         "group_size": decoder.group_size,
         "hadamard": decoder.hadamard,
+        "query_bits": decoder.query_bits,
         "layers": decoder.num_layers,
         "kv_heads": decoder.num_kv_heads,
         "head_dim": decoder.head_dim,

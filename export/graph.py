@@ -92,6 +92,7 @@ class ExportableDecoder(nn.Module):
         chunk_size: int = 32,
         group_size: int = 64,
         hadamard: bool = True,
+        query_bits: int = 32,
     ):
         super().__init__()
         cfg = model.config
@@ -120,9 +121,10 @@ class ExportableDecoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
         self.scale = self.head_dim**-0.5
-        self.cache_config = CacheConfig(self.num_layers, self.num_kv_heads, self.head_dim, layout, group_size, hadamard)
+        self.cache_config = CacheConfig(self.num_layers, self.num_kv_heads, self.head_dim, layout, group_size, hadamard, query_bits)
         self.group_size = group_size
         self.hadamard = hadamard
+        self.query_bits = query_bits
         self.pool_bits = layout.pool_bits  # widths with capacity > 0, ascending
         self.capacities = tuple(layout.capacity(b) for b in self.pool_bits)
 
@@ -356,7 +358,7 @@ class ExportableDecoder(nn.Module):
             q, k, v = self._rotate(q), self._rotate(k), self._rotate(v)
             ks.append(k[0]), vs.append(v[0])
             o, sum_p2 = torch.ops.kvq.packed_attention(
-                q.contiguous(), k.contiguous(), v.contiguous(), now["lengths"], *self._pools(), self.scale, self.group_size, i
+                q.contiguous(), k.contiguous(), v.contiguous(), now["lengths"], *self._pools(), self.scale, self.group_size, i, self.query_bits
             )  # o: [1, Hq, T, D], sum_p2: [1, Hq, T]
             o = self._rotate(o)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, hq * d))

@@ -121,13 +121,23 @@ def _dequantized(codes, scale, zero, bits: int, head_dim: int, group_size: int):
     return op.Reshape(x, _i64(0, 0, head_dim))
 
 
+def _quantized_query(qs):
+    """q_hat = q8 * s per row (last axis), s = max|row| / 127: :func:`adaptive_kv.formats.quantize_query`."""
+    s = op.Div(op.ReduceMax(op.Abs(qs), _i64(-1), keepdims=1), _f32(127.0))
+    nonzero = op.Greater(s, _f32(0.0))
+    q8 = op.Clip(op.Round(op.Div(qs, op.Where(nonzero, s, _f32(1.0)))), _f32(-127.0), _f32(127.0))  # Round: half to even
+    return op.Mul(op.Where(nonzero, q8, _f32(0.0)), s)
+
+
 def kvq_packed_attention(q, k_chunk, v_chunk, lengths, *pools_and_consts, **kwargs):
     """The op's arguments in schema order (pools by position or name) -> (out [B, Hq, T, D], sum_p2 [B, Hq, T])."""
-    names = (*POOL_ARGS, "scale", "group_size", "layer")
-    a = {"group_size": 64, "layer": -1} | {n: None for n in POOL_ARGS}
+    names = (*POOL_ARGS, "scale", "group_size", "layer", "query_bits")
+    a = {"group_size": 64, "layer": -1, "query_bits": 32} | {n: None for n in POOL_ARGS}
     a.update(zip(names, pools_and_consts))
     a.update(kwargs)
-    group_size, layer = int(a["group_size"]), int(a["layer"])
+    group_size, layer, query_bits = int(a["group_size"]), int(a["layer"]), int(a["query_bits"])
+    if query_bits not in (32, 8):
+        raise ValueError(f"kvq::packed_attention: query_bits={query_bits}, expected 32 or 8")
     b, hq, _, d = q.shape
     hkv = k_chunk.shape[1]
     if not all(isinstance(s, int) for s in (hq, d, hkv)):
@@ -158,7 +168,11 @@ def kvq_packed_attention(q, k_chunk, v_chunk, lengths, *pools_and_consts, **kwar
     s_len = op.Shape(k_all, start=2, end=3)  # [1] N + T
     # the g query heads of KV head h are rows of one matmul: [B, Hkv, g*T, D] @ [B, Hkv, D, N+T]
     qg = op.Reshape(q, op.Concat(batch, _i64(hkv, -1, d), axis=0))
-    s = op.Mul(op.MatMul(qg, op.Transpose(k_all, perm=[0, 1, 3, 2])), _f32(float(a["scale"])))  # [B, Hkv, g*T, N+T]
+    if query_bits == 8:  # the int8 rows of q * scale (formats.quantize_query: same fp32 steps, ties to even), no scale after
+        qg = _quantized_query(op.Mul(qg, _f32(float(a["scale"]))))
+        s = op.MatMul(qg, op.Transpose(k_all, perm=[0, 1, 3, 2]))  # [B, Hkv, g*T, N+T]
+    else:
+        s = op.Mul(op.MatMul(qg, op.Transpose(k_all, perm=[0, 1, 3, 2])), _f32(float(a["scale"])))
     s = op.Reshape(s, op.Concat(batch, _i64(hkv, g), t, s_len, axis=0))  # [B, Hkv, g, T, N+T]
     # cache key j (< N) is visible to every query; chunk key N + j to query i when j <= i
     zero64, one64 = _i64(0), _i64(1)

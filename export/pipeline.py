@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adaptive_kv.formats import QUERY_BITS
 from adaptive_kv.policy import POLICY_NAMES, PolicyError
 
 from . import bundle as B
@@ -39,6 +40,7 @@ class ExportOptions:
     chunk_size: int = 32  # most tokens per forward call (get_max_seq_len)
     kv_group_size: int = 64
     hadamard: bool = True
+    query_bits: int = 32  # 8: the attention scores packed keys with int8 query rows
     formats: tuple[str, ...] = FORMATS
     force: bool = False
 
@@ -58,6 +60,8 @@ class ExportOptions:
             raise PolicyError(f"--kv-budget-bits applies to rule and learned, not '{self.policy}', whose memory is fixed by its widths")
         if self.controller is not None and self.policy != "learned":
             raise PolicyError("--controller applies to --policy learned only")
+        if self.query_bits not in QUERY_BITS:
+            raise PteExportError(f"--query-bits {self.query_bits}: the attention's query is fp32 (32) or int8 rows (8)")
         if self.controller is not None and not Path(self.controller).is_file():
             raise FileNotFoundError(f"controller file {self.controller} not found; train one with `kvexport train-controller --out FILE`")
         if not 1 <= self.chunk_size <= self.max_seq_len:
@@ -119,14 +123,15 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
     controller = opts.controller or (str(default_controller_path()) if opts.policy == "learned" else None)
     policy = make_policy(opts.policy, controller=controller, model_id=model_id(model), budget_bits=opts.budget_bits)
     load_s = time.perf_counter() - t0
-    config = PteConfig(max_seq_len=opts.max_seq_len, weights=opts.weights, chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard)
+    config = PteConfig(max_seq_len=opts.max_seq_len, weights=opts.weights, chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard,
+                       query_bits=opts.query_bits)
     seconds: dict[str, float] = {}
     with B.staged(Path(opts.out), force=opts.force) as tmp:
         if "pte" in opts.formats:
             say(f"exporting {policy.name} with {opts.weights} weights, {opts.max_seq_len} tokens of context to {B.PROGRAM} (minutes)")
             report = export_pte(
                 model, tok, policy, opts.max_seq_len, opts.weights, tmp / B.PROGRAM,
-                chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard,
+                chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard, query_bits=opts.query_bits,
                 state_method=True,  # `kvexport validate` compares the packed cache itself
             )
             decoder = report.decoder

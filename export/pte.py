@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from adaptive_kv.formats import QUERY_BITS
+
 from .graph import ExportableDecoder
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class PteConfig:
     weight_group_size: int = 32  # 8da4w weight group (must divide every quantized linear's in_features)
     kv_group_size: int = 64
     hadamard: bool = True
+    query_bits: int = 32  # 8: attention scores the packed keys with int8 query rows (kvq_kernels.h)
     state_method: bool = False  # also export `state` (copies of the whole cache: tests, debugging)
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class PteConfig:
             raise PteExportError(f"need max_seq_len > 0 and 1 <= chunk_size <= max_seq_len, got max_seq_len={self.max_seq_len}, chunk_size={self.chunk_size}")
         if self.weight_group_size <= 0:
             raise PteExportError(f"weight_group_size must be positive, got {self.weight_group_size}")
+        if self.query_bits not in QUERY_BITS:
+            raise PteExportError(f"query_bits={self.query_bits}: the attention's query is fp32 (32) or int8 rows (8)")
 
 
 @dataclass
@@ -119,7 +124,8 @@ def build_decoder(model, policy, config: PteConfig) -> ExportableDecoder:
     if config.weights == "8da4w":
         model = quantize_8da4w(model, config.weight_group_size)
     return ExportableDecoder(
-        model, policy, config.max_seq_len, chunk_size=config.chunk_size, group_size=config.kv_group_size, hadamard=config.hadamard
+        model, policy, config.max_seq_len, chunk_size=config.chunk_size, group_size=config.kv_group_size, hadamard=config.hadamard,
+        query_bits=config.query_bits,
     ).eval()
 
 

@@ -83,7 +83,7 @@ std::tuple<at::Tensor&, at::Tensor&> packed_attention_out(
     const OptT& k2, const OptT& k2_scale, const OptT& k2_zero, const OptT& v2, const OptT& v2_scale, const OptT& v2_zero,  //
     const OptT& k4, const OptT& k4_scale, const OptT& k4_zero, const OptT& v4, const OptT& v4_scale, const OptT& v4_zero,  //
     const OptT& k8, const OptT& k8_scale, const OptT& k8_zero, const OptT& v8, const OptT& v8_scale, const OptT& v8_zero,  //
-    const OptT& k16, const OptT& v16, double scale, int64_t group_size, int64_t layer, at::Tensor& out, at::Tensor& sum_p2) {
+    const OptT& k16, const OptT& v16, double scale, int64_t group_size, int64_t layer, int64_t query_bits, at::Tensor& out, at::Tensor& sum_p2) {
   // The query chunk is small (T rows): make it contiguous here; the pools must already be.
   const at::Tensor qc = q.contiguous(), kc = k_chunk.contiguous(), vc = v_chunk.contiguous();
   const kvq::TensorDesc pools[kvq::kNumWidths][kvq::kPoolSlots] = {
@@ -93,7 +93,7 @@ std::tuple<at::Tensor&, at::Tensor&> packed_attention_out(
       {describe(k16), {}, {}, describe(v16), {}, {}},
   };
   kvq::AttentionArgs a;
-  check(kvq::make_attention_args(describe(qc), describe(kc), describe(vc), describe(lengths), pools, scale, group_size, layer, a));
+  check(kvq::make_attention_args(describe(qc), describe(kc), describe(vc), describe(lengths), pools, scale, group_size, layer, query_bits, a));
   const int64_t out_shape[4] = {a.batch, a.q_heads, a.chunk_len, a.head_dim};
   check(kvq::expect_tensor(describe(out), "out", kvq::DType::kFloat, 4, out_shape));
   check(kvq::expect_tensor(describe(sum_p2), "sum_p2", kvq::DType::kFloat, 3, out_shape));
@@ -108,12 +108,12 @@ std::tuple<at::Tensor, at::Tensor> packed_attention(
     const OptT& k2, const OptT& k2_scale, const OptT& k2_zero, const OptT& v2, const OptT& v2_scale, const OptT& v2_zero,  //
     const OptT& k4, const OptT& k4_scale, const OptT& k4_zero, const OptT& v4, const OptT& v4_scale, const OptT& v4_zero,  //
     const OptT& k8, const OptT& k8_scale, const OptT& k8_zero, const OptT& v8, const OptT& v8_scale, const OptT& v8_zero,  //
-    const OptT& k16, const OptT& v16, double scale, int64_t group_size, int64_t layer) {
+    const OptT& k16, const OptT& v16, double scale, int64_t group_size, int64_t layer, int64_t query_bits) {
   TORCH_CHECK(q.dim() == 4, "kvq: q must have 4 dims [B, Hq, T, D], got ", q.dim());
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // [B, Hq, T, D]
   at::Tensor sum_p2 = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));  // [B, Hq, T]
   packed_attention_out(q, k_chunk, v_chunk, lengths, k2, k2_scale, k2_zero, v2, v2_scale, v2_zero, k4, k4_scale, k4_zero, v4, v4_scale,
-                       v4_zero, k8, k8_scale, k8_zero, v8, v8_scale, v8_zero, k16, v16, scale, group_size, layer, out, sum_p2);
+                       v4_zero, k8, k8_scale, k8_zero, v8, v8_scale, v8_zero, k16, v16, scale, group_size, layer, query_bits, out, sum_p2);
   return {out, sum_p2};
 }
 

@@ -112,16 +112,21 @@ void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
 // kvq::packed_attention.out(Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths,
 //     Tensor? k2, Tensor? k2_scale, Tensor? k2_zero, Tensor? v2, Tensor? v2_scale, Tensor? v2_zero,
 //     (the same six for 4 and 8 bits), Tensor? k16, Tensor? v16, float scale, int group_size=64,
-//     int layer=-1, *, Tensor(a!) out, Tensor(b!) sum_p2) -> (Tensor(a!), Tensor(b!))
-constexpr size_t kAttnPools = 20, kAttnIn = 4 + kAttnPools + 3, kAttnOut = 2;
+//     int layer=-1, int query_bits=32, *, Tensor(a!) out, Tensor(b!) sum_p2) -> (Tensor(a!), Tensor(b!))
+// Programs exported before query_bits existed call it with the outputs one slot earlier; they
+// still run (fp32 query), told apart by the type in that slot.
+constexpr size_t kAttnPools = 20, kAttnIn = 4 + kAttnPools + 4, kAttnOut = 2;
 
 void packed_attention_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   executorch::runtime::internal::EventTracerProfileOpScope prof(ctx.internal_event_tracer(), "native_call_kvq::packed_attention.out");
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() == kAttnIn + kAttnOut || stack.size() == kAttnIn + kAttnOut + 1, InvalidProgram, ,
-                      "kvq::packed_attention.out: %zu arguments", stack.size());
-  ET_KERNEL_CHECK_MSG(ctx, stack[24]->isDouble() && stack[25]->isInt() && stack[26]->isInt(), InvalidArgument, ,
-                      "kvq::packed_attention.out: scale must be a float, group_size and layer ints");
-  ET_KERNEL_CHECK_MSG(ctx, stack[27]->isTensor() && stack[28]->isTensor(), InvalidArgument, ,
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= kAttnIn - 1 + kAttnOut && stack.size() <= kAttnIn + kAttnOut + 1, InvalidProgram, ,
+                      "kvq::packed_attention.out: %zu arguments, expected %zu", stack.size(), kAttnIn + kAttnOut);
+  const bool has_query_bits = !stack[27]->isTensor();
+  const size_t o = has_query_bits ? 28 : 27;  // out, then sum_p2
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= o + kAttnOut, InvalidProgram, , "kvq::packed_attention.out: %zu arguments", stack.size());
+  ET_KERNEL_CHECK_MSG(ctx, stack[24]->isDouble() && stack[25]->isInt() && stack[26]->isInt() && (!has_query_bits || stack[27]->isInt()),
+                      InvalidArgument, , "kvq::packed_attention.out: scale must be a float, group_size, layer and query_bits ints");
+  ET_KERNEL_CHECK_MSG(ctx, stack[o]->isTensor() && stack[o + 1]->isTensor(), InvalidArgument, ,
                       "kvq::packed_attention.out: out and sum_p2 must be tensors");
   kvq::TensorDesc pools[kvq::kNumWidths][kvq::kPoolSlots];
   for (int w = 0; w < 3; ++w)
@@ -130,10 +135,11 @@ void packed_attention_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) 
   pools[3][3] = describe(*stack[23]);  // v16
   kvq::AttentionArgs a;
   if (!ok_or_fail(ctx, kvq::make_attention_args(describe(*stack[0]), describe(*stack[1]), describe(*stack[2]), describe(*stack[3]), pools,
-                                                 stack[24]->toDouble(), stack[25]->toInt(), stack[26]->toInt(), a)))
+                                                 stack[24]->toDouble(), stack[25]->toInt(), stack[26]->toInt(),
+                                                 has_query_bits ? stack[27]->toInt() : 32, a)))
     return;
-  Tensor& out = stack[27]->toTensor();
-  Tensor& sum_p2 = stack[28]->toTensor();
+  Tensor& out = stack[o]->toTensor();
+  Tensor& sum_p2 = stack[o + 1]->toTensor();
   using S = executorch::aten::SizesType;
   ET_KERNEL_CHECK(ctx, resize(out, {S(a.batch), S(a.q_heads), S(a.chunk_len), S(a.head_dim)}), InvalidArgument, );
   ET_KERNEL_CHECK(ctx, resize(sum_p2, {S(a.batch), S(a.q_heads), S(a.chunk_len)}), InvalidArgument, );

@@ -6,6 +6,13 @@
 //   packed_attention   fused attention of a query chunk over the mixed-precision pools plus the
 //                      chunk's own full-precision K/V (causal), reading the packed codes directly
 //
+// Query precision (query_bits): 32 keeps q in fp32, so every code costs fp32 FMAs and a 2-bit key
+// costs what an 8-bit one does. 8 quantizes each query row (after the softmax scale) to int8,
+// symmetric, one scale per row: q8 = round_half_even(q * scale / s), s = max|q * scale| / 127,
+// and the op is then defined on q_hat = q8 * s for every key source. Packed keys are then scored
+// with integer dot products (u8 codes x s8 query, exact int32 sums), llama.cpp's q8 activations;
+// the arithmetic per key shrinks with its width. Values stay fp32 either way.
+//
 // Storage format (adaptive_kv/formats.py): a row of D values is cut into groups of G; each group
 // has an fp16 scale and zero, x_hat = code * scale + zero. With k = 8/bits codes per byte, byte j
 // of a group holds codes j, j + G/k, ..., j + (k-1)G/k at bit offsets 0, bits, ..., so 8
@@ -264,6 +271,7 @@ struct AttentionArgs {
   const float* v_chunk = nullptr;  // [B, Hkv, T, D]
   Pool pools[kNumWidths];          // 2, 4, 8, 16 bits; every batch row attends the same pools
   float scale = 1.0f;              // softmax scale, usually D^-0.5
+  int query_bits = 32;             // 32: fp32 query; 8: int8 query rows (see the top of this file)
   float* out = nullptr;            // [B, Hq, T, D]
   float* sum_p2 = nullptr;         // [B, Hq, T]: sum_j p_j^2 of each query row
 };
@@ -275,6 +283,8 @@ inline Error check_attention_args(const AttentionArgs& a) {
                       (long long)a.q_heads, (long long)a.kv_heads);
   if (a.q_heads % a.kv_heads) return make_error("q heads (%lld) must be a multiple of KV heads (%lld)", (long long)a.q_heads, (long long)a.kv_heads);
   if (a.head_dim < 1 || a.head_dim > kMaxHeadDim) return make_error("head_dim=%lld outside [1, %d]", (long long)a.head_dim, kMaxHeadDim);
+  if (a.query_bits != 32 && a.query_bits != 8)
+    return make_error("query_bits=%d: the query is fp32 (32) or int8 rows (8)", a.query_bits);
   for (int w = 0; w < kNumWidths; ++w) {
     const Pool& p = a.pools[w];
     if (p.len < 0 || p.len > p.capacity)
@@ -398,7 +408,7 @@ inline Error select_layer(TensorDesc& t, int64_t layer) {
 // layer's pools [layers, Hkv, capacity, X] of which `layer` is read (layer < 0: one layer given).
 inline Error make_attention_args(const TensorDesc& q, const TensorDesc& k_chunk, const TensorDesc& v_chunk, const TensorDesc& lengths,
                                  const TensorDesc (&all_pools)[kNumWidths][kPoolSlots], double scale, int64_t group_size, int64_t layer,
-                                 AttentionArgs& a) {
+                                 int64_t query_bits, AttentionArgs& a) {
   TensorDesc pool[kNumWidths][kPoolSlots];
   for (int w = 0; w < kNumWidths; ++w)
     for (int i = 0; i < kPoolSlots; ++i) {
@@ -426,6 +436,9 @@ inline Error make_attention_args(const TensorDesc& q, const TensorDesc& k_chunk,
   if (!std::isfinite(scale)) return make_error("scale must be finite");
   a.group_size = group_size;
   a.scale = float(scale);
+  if (query_bits != 32 && query_bits != 8)
+    return make_error("query_bits=%lld: the query is fp32 (32) or int8 rows (8)", (long long)query_bits);
+  a.query_bits = int(query_bits);
   a.q = static_cast<const float*>(q.data);
   a.k_chunk = static_cast<const float*>(k_chunk.data);
   a.v_chunk = static_cast<const float*>(v_chunk.data);
@@ -491,7 +504,10 @@ struct Segment {
 struct Tile {
   int rows = 0;          // valid rows (<= kTileRows)
   int64_t t[kTileRows];  // chunk position of each row, for the causal mask
-  float qs[kTileRows][kMaxHeadDim];  // q * scale; unused rows are zero
+  float qs[kTileRows][kMaxHeadDim];  // q * scale (query_bits 8: q_hat = q8 * qscale); unused rows are zero
+  alignas(32) int8_t q8[kTileRows][kMaxHeadDim];  // query_bits 8: the int8 query rows
+  float qscale[kTileRows];                        // query_bits 8: s of each row
+  bool q_int = false;                             // score packed keys with integer dot products
   float qsum[kTileRows][kMaxGroups]; // per-group sum of qs, multiplies the key zeros
   float m[kTileRows], l[kTileRows], l2[kTileRows];
   float acc[kTileRows][kMaxHeadDim];  // sum p * (code * scale) or p * v
@@ -628,6 +644,62 @@ struct Avx2 {
     return _mm256_cvtepi32_ps(x);
   }
   static F half8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+  // ---- int8 query (query_bits 8), one 64-dim group per row: codes as u8, dims in order ----
+  // A row's 64 codes as 4-bit-or-less u8 values: c[0] dims 0-31, c[1] dims 32-63; 8-bit codes
+  // come as their low nibbles (c[0], c[1]) and high nibbles (c[2], c[3]), because vpmaddubsw
+  // would saturate on 255 * 127 * 2 but not on 15 * 127 * 2.
+  using I = __m256i;
+  using Q = __m256i;  // 32 int8 query values
+  using C = __m256i;  // 32 codes
+  static constexpr int kQRegs = 2;
+  static constexpr int code_regs(int bits) { return bits == 8 ? 4 : 2; }
+  static void load_q(const int8_t* q, Q* out) {
+    out[0] = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));
+    out[1] = _mm256_load_si256(reinterpret_cast<const __m256i*>(q + 32));
+  }
+  template <int BITS>
+  static void codes64(const uint8_t* row, I* c) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    if constexpr (BITS == 2) {  // byte j: dims j, j+16, j+32, j+48 at shifts 0, 2, 4, 6
+      const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+      const __m256i m2 = _mm256_set1_epi8(0x03);
+      c[0] = _mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m2);
+      c[1] = _mm256_and_si256(_mm256_srlv_epi32(x, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m2);
+    } else if constexpr (BITS == 4) {  // byte j: dims j, j+32
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      c[0] = _mm256_and_si256(x, m4);
+      c[1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+    } else {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+      c[0] = _mm256_and_si256(x0, m4);
+      c[1] = _mm256_and_si256(x1, m4);
+      c[2] = _mm256_and_si256(_mm256_srli_epi16(x0, 4), m4);
+      c[3] = _mm256_and_si256(_mm256_srli_epi16(x1, 4), m4);
+    }
+  }
+  // sum_d q[d] * code[d] of one row, as 8 int32 partial sums (exact: |sum| < 64 * 255 * 127).
+  template <int BITS>
+  static I dot64(const I* c, const Q* q) {
+    I s = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c[0], q[0]), _mm256_maddubs_epi16(c[1], q[1])), _mm256_set1_epi16(1));
+    if constexpr (BITS == 8) {
+      const __m256i hi = _mm256_add_epi16(_mm256_maddubs_epi16(c[2], q[0]), _mm256_maddubs_epi16(c[3], q[1]));
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(hi, _mm256_set1_epi16(16)));
+    }
+    return s;
+  }
+  // The sums of 4 tokens' partials, half reduced: [sums of the low 128 bits, of the high 128 bits].
+  static I reduce4i(I v0, I v1, I v2, I v3) { return _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3)); }
+  // Two reduce4i results -> the 8 tokens' sums as floats (exact: every sum is below 2^24).
+  static F finish8i(I a, I b) {
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31)));
+  }
+  static float hsumi(I v) {
+    __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
+    return float(_mm_cvtsi128_si32(x) + _mm_extract_epi32(x, 1));
+  }
 };
 #endif
 
@@ -683,6 +755,62 @@ struct Neon {
   }
   static float32x4_t half4(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
   static F half8(const uint16_t* p) { return {half4(p), half4(p + 4)}; }
+
+  // ---- int8 query (query_bits 8); the same contract as Avx2's. c[k]: dims 16k..16k+15 (8-bit:
+  // c[0..3] low nibbles, c[4..7] high nibbles), as s8 (every value < 16).
+  using I = int32x4_t;
+  using Q = int8x16_t;
+  using C = int8x16_t;
+  static constexpr int kQRegs = 4;
+  static constexpr int code_regs(int bits) { return bits == 8 ? 8 : 4; }
+  static void load_q(const int8_t* q, Q* out) {
+    for (int k = 0; k < 4; ++k) out[k] = vld1q_s8(q + 16 * k);
+  }
+  template <int BITS>
+  static void codes64(const uint8_t* row, int8x16_t* c) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    if constexpr (BITS == 2) {  // byte j: dims j, j+16, j+32, j+48
+      const uint8x16_t x = vld1q_u8(row), m2 = vdupq_n_u8(0x03);
+      c[0] = vreinterpretq_s8_u8(vandq_u8(x, m2));
+      c[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(x, 2), m2));
+      c[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(x, 4), m2));
+      c[3] = vreinterpretq_s8_u8(vshrq_n_u8(x, 6));
+    } else if constexpr (BITS == 4) {  // byte j: dims j, j+32
+      const uint8x16_t x0 = vld1q_u8(row), x1 = vld1q_u8(row + 16);
+      c[0] = vreinterpretq_s8_u8(vandq_u8(x0, m4));
+      c[1] = vreinterpretq_s8_u8(vandq_u8(x1, m4));
+      c[2] = vreinterpretq_s8_u8(vshrq_n_u8(x0, 4));
+      c[3] = vreinterpretq_s8_u8(vshrq_n_u8(x1, 4));
+    } else {
+      for (int k = 0; k < 4; ++k) {
+        const uint8x16_t x = vld1q_u8(row + 16 * k);
+        c[k] = vreinterpretq_s8_u8(vandq_u8(x, m4));
+        c[4 + k] = vreinterpretq_s8_u8(vshrq_n_u8(x, 4));
+      }
+    }
+  }
+  static int32x4_t dot16(int32x4_t acc, int8x16_t c, int8x16_t q) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, c, q);
+#else
+    const int16x8_t lo = vmull_s8(vget_low_s8(c), vget_low_s8(q));
+    return vpadalq_s16(vpadalq_s16(acc, lo), vmull_high_s8(c, q));
+#endif
+  }
+  template <int BITS>
+  static I dot64(const int8x16_t* c, const Q* q) {
+    int32x4_t s = vdupq_n_s32(0);
+    for (int k = 0; k < 4; ++k) s = dot16(s, c[k], q[k]);
+    if constexpr (BITS == 8) {
+      int32x4_t hi = vdupq_n_s32(0);
+      for (int k = 0; k < 4; ++k) hi = dot16(hi, c[4 + k], q[k]);
+      s = vmlaq_n_s32(s, hi, 16);
+    }
+    return s;
+  }
+  static I reduce4i(I v0, I v1, I v2, I v3) { return vpaddq_s32(vpaddq_s32(v0, v1), vpaddq_s32(v2, v3)); }
+  static F finish8i(I a, I b) { return {vcvtq_f32_s32(a), vcvtq_f32_s32(b)}; }
+  static float hsumi(I v) { return float(vaddvq_s32(v)); }
 };
 #endif
 
@@ -740,6 +868,35 @@ inline void for_pieces(int64_t c0, int64_t c1, Fn&& fn) {
   }
 }
 
+// Key scores of one block with the int8 query (w.q_int, so D == G == 64): dot[r][j] = qscale_r *
+// sum_d q8_r[d] * code_j[d], an exact integer sum scaled once. Per key this is one load, 2-4
+// bit ops and 2 vpmaddubsw + 2 adds per query row, where the fp32 query needs 8 widen-shift-
+// convert steps and 24 FMAs; the scale and zero of the group are applied after, as for fp32.
+template <class V, int BITS, int RT>
+void q8_key_dots(const uint8_t* rows, int64_t row_bytes, int n, const Tile& w, float (*out)[kBlock]) {
+  typename V::Q q[RT][V::kQRegs];
+  for (int r = 0; r < RT; ++r) V::load_q(w.q8[r], q[r]);
+  typename V::C c[V::code_regs(BITS)];
+  using I = typename V::I;
+  int j0 = 0;
+  for (; j0 + 8 <= n; j0 += 8) {  // partials reduced 4 keys at a time: 4 * RT live, not 8 * RT
+    I half[2][RT];
+    for (int h = 0; h < 2; ++h) {
+      I p[4][RT];
+      for (int t = 0; t < 4; ++t) {
+        V::template codes64<BITS>(rows + (j0 + 4 * h + t) * row_bytes, c);
+        for (int r = 0; r < RT; ++r) p[t][r] = V::template dot64<BITS>(c, q[r]);
+      }
+      for (int r = 0; r < RT; ++r) half[h][r] = V::reduce4i(p[0][r], p[1][r], p[2][r], p[3][r]);
+    }
+    for (int r = 0; r < RT; ++r) V::store(out[r] + j0, V::mul(V::finish8i(half[0][r], half[1][r]), V::set1(w.qscale[r])));
+  }
+  for (; j0 < n; ++j0) {
+    V::template codes64<BITS>(rows + j0 * row_bytes, c);
+    for (int r = 0; r < RT; ++r) out[r][j0] = V::hsumi(V::template dot64<BITS>(c, q[r])) * w.qscale[r];
+  }
+}
+
 // The loop nests are shaped by the FMA count: at decode every code feeds RT (= 3 for SmolLM2)
 // FMAs on each side, so the aim is that nothing else (loads, index math, horizontal sums, FMA
 // latency) costs more than those FMAs. Codes are widened straight from memory 8 at a time.
@@ -774,7 +931,11 @@ void simd_segment(const SrcView& s, const Segment& seg, int64_t D_, int64_t G_, 
     if (n < kBlock)  // the tail's unused lanes must hold finite values (they get -inf below)
       for (int r = 0; r < RT; ++r) std::fill(dot[r] + n, dot[r] + kBlock, 0.0f);
     for (int64_t g = 0; g < groups; ++g) {
-      for (int j0 = 0; j0 < n; j0 += 8) {
+      bool int_keys = false;
+      if constexpr (FD == 64 && kAffine) {
+        if ((int_keys = w.q_int)) q8_key_dots<V, BITS, RT>(s.k + t0 * s.row_bytes, s.row_bytes, n, w, dot);
+      }
+      for (int j0 = 0; j0 < n && !int_keys; j0 += 8) {
         const int cnt = std::min(8, n - j0);
         auto dots = [&](auto tk_tag, int jj) {  // part[r][jj + t] = 8 partial sums of q_r . k_(j0+jj+t)
           constexpr int K = decltype(tk_tag)::value;
@@ -967,10 +1128,72 @@ inline Plan make_plan(const AttentionArgs& a) {
 // Partial state layout in the scratch buffer, per item: kTileRows x (m, l, l2, acc[D]).
 inline int64_t state_floats(int64_t D) { return kTileRows * (3 + D); }
 
+// Sum / largest magnitude of n values (n % 16 == 0 here) with 16 independent chains: one chain
+// would be a latency-bound loop, paid for every row of every work item.
+inline float sum16(const float* x, int64_t n) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] += x[i + k];
+  for (; i < n; ++i) acc[0] += x[i];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  return acc[0];
+}
+inline float amax16(const float* x, int64_t n) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int k = 0; k < 16; ++k) acc[k] = std::max(acc[k], std::fabs(x[i + k]));
+  for (; i < n; ++i) acc[0] = std::max(acc[0], std::fabs(x[i]));
+  for (int k = 1; k < 16; ++k) acc[0] = std::max(acc[0], acc[k]);
+  return acc[0];
+}
+
+// An int8 query row (query_bits 8), in place: qs becomes q_hat = q8 * s. The same fp32 steps as
+// adaptive_kv.formats.quantize_query and the ONNX translation (a differently rounded s or quotient
+// would move a q8 value by one); every step is exactly rounded, so the vector loop (run for each
+// work item, so it must be cheap) and the scalar tail agree bit for bit.
+inline void quantize_query(float* qs, int64_t D, int8_t* q8, float& s) {
+  s = amax16(qs, D) / 127.0f;
+  if (!(s > 0.0f)) {  // an all-zero row
+    std::fill(q8, q8 + D, int8_t(0));
+    std::fill(qs, qs + D, 0.0f);
+    return;
+  }
+  int64_t d = 0;
+#if defined(KVQ_HAVE_AVX2)
+  const __m256 sv = _mm256_set1_ps(s), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  alignas(32) int32_t c32[8];
+  for (; d + 8 <= D; d += 8) {
+    __m256 c = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(qs + d), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    c = _mm256_min_ps(hi, _mm256_max_ps(lo, c));
+    _mm256_storeu_ps(qs + d, _mm256_mul_ps(c, sv));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(c32), _mm256_cvtps_epi32(c));
+    for (int k = 0; k < 8; ++k) q8[d + k] = int8_t(c32[k]);
+  }
+#elif defined(KVQ_HAVE_NEON)
+  const float32x4_t sv = vdupq_n_f32(s), lo = vdupq_n_f32(-127.0f), hi = vdupq_n_f32(127.0f);
+  for (; d + 4 <= D; d += 4) {
+    const float32x4_t c = vminq_f32(hi, vmaxq_f32(lo, vrndnq_f32(vdivq_f32(vld1q_f32(qs + d), sv))));
+    vst1q_f32(qs + d, vmulq_f32(c, sv));
+    int32_t c32[4];
+    vst1q_s32(c32, vcvtq_s32_f32(c));
+    for (int k = 0; k < 4; ++k) q8[d + k] = int8_t(c32[k]);
+  }
+#endif
+  for (; d < D; ++d) {
+    const float c = std::min(127.0f, std::max(-127.0f, std::nearbyint(qs[d] / s)));
+    q8[d] = int8_t(c);
+    qs[d] = c * s;
+  }
+}
+
 inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh, int64_t tile, int part, float* state) {
   const int64_t D = a.head_dim, G = a.group_size, T = a.chunk_len;
   const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
   Tile w;
+  w.q_int = a.query_bits == 8 && D == 64 && G == 64;  // the integer key loops are written for one 64-dim group
   const int64_t r0 = tile * kTileRows;
   w.rows = int(std::min<int64_t>(kTileRows, pl.rows - r0));
   for (int r = 0; r < kTileRows; ++r) {
@@ -980,15 +1203,17 @@ inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh
     std::fill(w.zacc[r], w.zacc[r] + kMaxGroups, 0.0f);
     std::fill(w.qs[r], w.qs[r] + D, 0.0f);
     std::fill(w.qsum[r], w.qsum[r] + kMaxGroups, 0.0f);
+    std::fill(w.q8[r], w.q8[r] + D, int8_t(0));
+    w.qscale[r] = 0.0f;
     w.t[r] = -1;
     if (r >= w.rows) continue;
     const int64_t row = r0 + r, g = row / T, t = row % T;
     w.t[r] = t;
     const float* q = a.q + ((b * a.q_heads + h * pl.groups_q + g) * T + t) * D;
     for (int64_t d = 0; d < D; ++d) w.qs[r][d] = q[d] * a.scale;
+    if (a.query_bits == 8) quantize_query(w.qs[r], D, w.q8[r], w.qscale[r]);
     if (G % 16 == 0 && D % G == 0)  // the SIMD path's zero term (G % 16 == 0: <= kMaxGroups groups)
-      for (int64_t g0 = 0; g0 < D / G; ++g0)
-        for (int64_t d = g0 * G; d < (g0 + 1) * G; ++d) w.qsum[r][g0] += w.qs[r][d];
+      for (int64_t g0 = 0; g0 < D / G; ++g0) w.qsum[r][g0] = sum16(w.qs[r] + g0 * G, G);
   }
   const bool simd = isa != Isa::kScalar && simd_layout_ok(a);
   for (int i = pl.parts[part].first; i < pl.parts[part].second; ++i) {

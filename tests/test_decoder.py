@@ -118,8 +118,8 @@ def test_context_longer_than_max_seq_len_is_a_clear_error(tiny_decoder):
         Session(tiny_decoder, make_policy("fp16"), SessionConfig(max_seq_len=10**6))
 
 
-@pytest.mark.parametrize("policy", ["static-4", "rule", "learned-tiny"])
-def test_fused_kernel_and_reference_paths_agree(tiny_model, policy):
+@pytest.mark.parametrize("policy,query_bits", [("static-4", 32), ("rule", 32), ("learned-tiny", 32), ("static-4", 8), ("learned-tiny", 8)])
+def test_fused_kernel_and_reference_paths_agree(tiny_model, policy, query_bits):
     """The C++ kvq::packed_attention path vs the blockwise PyTorch reference, through whole sessions."""
     from adaptive_kv.controller import ControllerMeta, PrecisionController
     from adaptive_kv.decoder import PackedLlama
@@ -137,7 +137,7 @@ def test_fused_kernel_and_reference_paths_agree(tiny_model, policy):
         pol = make_policy(policy)
     runs = []
     for dec in (fused, reference):
-        s = Session(dec, pol, SessionConfig(max_seq_len=96, chunk_size=9))
+        s = Session(dec, pol, SessionConfig(max_seq_len=96, chunk_size=9, query_bits=query_bits))
         logits = s.feed(ids(50, seed=5), logits="all")
         steps = [s.feed(torch.tensor([t]), logits="last") for t in ids(6, seed=6)]
         runs.append((logits, torch.stack(steps), s.cache.stored_bits()))

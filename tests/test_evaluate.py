@@ -45,6 +45,16 @@ def test_results_report_bits_and_bytes(tiny):
     assert r16.perplexity != r2.perplexity
 
 
+def test_eval_cli_compares_query_precisions_in_one_pass(tiny_checkpoint):
+    res = CliRunner().invoke(main, ["eval", "--model", str(tiny_checkpoint), "--task", "wikitext2", "--limit", "1", "--context", "128",
+                                    "--chunk-size", "16", "--policy", "static-4", "--query-bits", "32,8", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[res.output.index("{") :])["results"]
+    assert [(r["policy"], r["query_bits"]) for r in rows] == [("static-4", 32), ("static-4", 8)]
+    assert rows[0]["perplexity"] != rows[1]["perplexity"]  # the int8 query changes the scores a little
+    assert abs(rows[0]["perplexity"] / rows[1]["perplexity"] - 1) < 0.05
+
+
 def test_eval_cli_json(tiny_checkpoint):
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_checkpoint), "--task", "arc_easy", "--limit", "2", "--policy", "static-4", "--json"])
     assert res.exit_code == 0, res.output
@@ -61,6 +71,7 @@ def test_eval_cli_json(tiny_checkpoint):
         (["--task", "hellaswag", "--data", "/nonexistent/h.jsonl"], "not found"),
         (["--task", "hellaswag", "--limit", "0"], "must be positive"),
         (["--task", "wikitext2", "--context", "100000", "--limit", "1"], "exceeds the model's max_position_embeddings"),
+        (["--task", "hellaswag", "--query-bits", "32,4"], "'4': the attention's query is 32 (fp32) or 8"),
     ],
 )
 def test_eval_cli_errors_are_one_clear_line(tiny_checkpoint, args, message):

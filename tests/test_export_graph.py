@@ -314,3 +314,21 @@ def test_8da4w_pte_runs_the_quantized_model(tmp_path):
         logits, _ = pte.step(chunk)
         (q, _), (f, _) = quantized.step(chunk), float_ref.step(chunk)
         assert (logits - q).abs().max() < 0.25 * (f - q).abs().max()
+
+
+def test_int8_query_pte_matches_eager(tiny_model, tmp_path):
+    """query_bits=8 end to end: the .pte (ExecuTorch kernel) and the eager decoder (ATen kernel)
+    give the same widths and logits, and differ from the fp32-query decoder (the setting is live)."""
+    policy = learned_policy()
+    report = export_pte(tiny_model, None, policy, MAX_SEQ, "fp32", tmp_path / "q8.pte", chunk_size=CHUNK, query_bits=8)
+    pte = PteDecoder(report.path)
+    eager = build_decoder(tiny_model, policy, PteConfig(max_seq_len=MAX_SEQ, chunk_size=CHUNK, query_bits=8))
+    fp32_query = build_decoder(tiny_model, policy, PteConfig(max_seq_len=MAX_SEQ, chunk_size=CHUNK))
+    gap = 0.0
+    for chunk in [IDS[:8], IDS[8:13]] + list(IDS[13:20].split(1)):  # prefill, then decode
+        logits, bits = pte.step(chunk)
+        ref_logits, ref_bits = eager.step(chunk)
+        assert (logits - ref_logits).abs().max() <= 1e-3
+        assert torch.equal(bits, ref_bits)
+        gap = max(gap, (ref_logits - fp32_query.step(chunk)[0]).abs().max().item())
+    assert gap > 1e-5

@@ -150,3 +150,22 @@ def test_hadamard_spreads_an_outlier_channel():
     plain = (fake_quantize(x, 4) - x).pow(2).mean()
     rotated = (rotate(fake_quantize(rotate(x), 4)) - x).pow(2).mean()
     assert rotated < 0.5 * plain
+
+
+@given(st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3))
+@settings(max_examples=50, deadline=None)
+def test_quantize_query_is_int8_rows_with_a_shared_scale(seed, magnitude):
+    qs = torch.randn(5, 64, generator=torch.Generator().manual_seed(seed)) * magnitude
+    qs[1] = 0.0  # an all-zero row stays zero
+    q_hat = formats.quantize_query(qs)
+    s = qs.abs().amax(-1, keepdim=True) / 127.0
+    q8 = torch.where(s > 0, q_hat / torch.where(s > 0, s, 1.0), 0.0)  # integers, up to the rounding of q8 * s / s
+    assert (q8 - q8.round()).abs().max() < 1e-4 and q8.round().abs().max() <= 127
+    assert torch.equal(q8.round().abs().amax(-1)[s[:, 0] > 0], torch.full((4,), 127.0))  # the largest entry of a row is +-127
+    assert torch.equal(q_hat[1], torch.zeros(64))
+    assert ((q_hat - qs).abs() <= s / 2 * (1 + 1e-5)).all()  # round to nearest
+
+
+def test_quantize_query_rounds_ties_to_even():
+    qs = torch.tensor([[127.0, 2.5, -2.5, 3.5, 0.5, -0.5]])  # s = 1: the quotients are the values
+    assert formats.quantize_query(qs).tolist() == [[127.0, 2.0, -2.0, 4.0, 0.0, -0.0]]

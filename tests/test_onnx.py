@@ -58,18 +58,19 @@ def test_pack_rows_translation_is_bit_exact(bits, group_size, tmp_path):
 
 
 class Attend(torch.nn.Module):
-    def __init__(self, names: list[str], layer: int = -1):
+    def __init__(self, names: list[str], layer: int = -1, query_bits: int = 32):
         super().__init__()
-        self.names, self.layer = names, layer
+        self.names, self.layer, self.query_bits = names, layer, query_bits
 
     def forward(self, q, kc, vc, lengths, *pools):
         given = dict(zip(self.names, pools))
-        return torch.ops.kvq.packed_attention(q, kc, vc, lengths, *(given.get(n) for n in ops.POOL_ARGS), D**-0.5, 64, self.layer)
+        return torch.ops.kvq.packed_attention(q, kc, vc, lengths, *(given.get(n) for n in ops.POOL_ARGS), D**-0.5, 64, self.layer, self.query_bits)
 
 
 @pytest.mark.parametrize("mix", ["all four", "2-bit partial", "16-bit full", "4-bit empty", "no pools", "all four, long"])
 @pytest.mark.parametrize("gqa", [1, 3])
-def test_packed_attention_translation_matches_reference(mix, gqa, tmp_path):
+@pytest.mark.parametrize("query_bits", [32, 8])
+def test_packed_attention_translation_matches_reference(mix, gqa, query_bits, tmp_path):
     if MIXES[mix]:
         pools, lengths = ops.cache_pools(filled_cache(MIXES[mix], seed=len(mix)), 0)
     else:
@@ -79,11 +80,11 @@ def test_packed_attention_translation_matches_reference(mix, gqa, tmp_path):
     make = lambda t: (torch.randn(1, 3 * gqa, t, D, generator=g) * 2, torch.randn(1, 3, t, D, generator=g), torch.randn(1, 3, t, D, generator=g))  # noqa: E731
     t_dim = torch.export.Dim("t", min=1, max=64)
     dyn = ({2: t_dim}, {2: t_dim}, {2: t_dim}, None) + (((None,) * len(names),) if names else ())  # *pools: one tuple
-    sess = to_onnx(Attend(names), (*make(2), lengths, *(pools[n] for n in names)), tmp_path / "attn.onnx", dyn)
+    sess = to_onnx(Attend(names, query_bits=query_bits), (*make(2), lengths, *(pools[n] for n in names)), tmp_path / "attn.onnx", dyn)
     for t in (1, 5, 33):  # decode, a ragged chunk, a long chunk
         q, kc, vc = make(t)
         got = run(sess, q.numpy(), kc.numpy(), vc.numpy(), lengths.numpy(), *(pools[n].numpy() for n in names))
-        want = ops.reference_packed_attention(q, kc, vc, lengths, *(pools.get(n) for n in ops.POOL_ARGS), D**-0.5, 64)
+        want = ops.reference_packed_attention(q, kc, vc, lengths, *(pools.get(n) for n in ops.POOL_ARGS), D**-0.5, 64, -1, query_bits)
         for a, w in zip(got, want):
             assert a.shape == tuple(w.shape) and np.abs(a - w.numpy()).max() <= 1e-5
 
@@ -109,9 +110,11 @@ def test_packed_attention_translation_reads_one_layer_of_whole_model_pools(tmp_p
 MAX_SEQ, CHUNK = 64, 8
 
 
-@pytest.fixture(scope="module", params=["fp32", "8da4w"])
+@pytest.fixture(scope="module", params=["fp32", "8da4w", "fp32-q8"])
 def exported(request, tmp_path_factory):
-    decoder = build_decoder(tiny_llama(seed=0), learned_policy(), PteConfig(max_seq_len=MAX_SEQ, chunk_size=CHUNK, weights=request.param))
+    weights, _, q8 = request.param.partition("-")  # q8: the int8-query attention (query_bits=8)
+    config = PteConfig(max_seq_len=MAX_SEQ, chunk_size=CHUNK, weights=weights, query_bits=8 if q8 else 32)
+    decoder = build_decoder(tiny_llama(seed=0), learned_policy(), config)
     path = tmp_path_factory.mktemp(f"onnx-{request.param}") / "model.onnx"
     export_onnx(decoder, path, {"eos_ids": [2]})
     return decoder, path

@@ -123,7 +123,8 @@ GRID = [(m, g, t) for m in MIXES for g, t in [(1, 1), (3, 1), (3, 5), (1, 33), (
 
 @pytest.mark.parametrize("mix,gqa,t", GRID)
 @pytest.mark.parametrize("isa", ISAS)
-def test_packed_attention_matches_reference(mix, gqa, t, isa):
+@pytest.mark.parametrize("query_bits", [32, 8])
+def test_packed_attention_matches_reference(mix, gqa, t, isa, query_bits):
     if MIXES[mix]:
         pools, lengths = ops.cache_pools(filled_cache(MIXES[mix], seed=len(mix) + t), 0)
     else:  # only the chunk itself
@@ -132,8 +133,8 @@ def test_packed_attention_matches_reference(mix, gqa, t, isa):
     q = torch.randn(1, 3 * gqa, t, D, generator=g) * 2  # sharper softmax than unit scale
     kc, vc = torch.randn(1, 3, t, D, generator=g), torch.randn(1, 3, t, D, generator=g)
     with isa_ctx(isa):
-        out, sp = ops.packed_attention(q, kc, vc, pools, lengths, D**-0.5)
-    ref_out, ref_sp = ops.reference_packed_attention(q, kc, vc, lengths, *(pools.get(n) for n in ops.POOL_ARGS), D**-0.5, 64)
+        out, sp = ops.packed_attention(q, kc, vc, pools, lengths, D**-0.5, query_bits=query_bits)
+    ref_out, ref_sp = ops.reference_packed_attention(q, kc, vc, lengths, *(pools.get(n) for n in ops.POOL_ARGS), D**-0.5, 64, -1, query_bits)
     assert out.shape == (1, 3 * gqa, t, D) and sp.shape == (1, 3 * gqa, t)
     assert (out - ref_out).abs().max().item() <= TOL
     assert (sp - ref_sp).abs().max().item() <= TOL
@@ -367,3 +368,11 @@ def test_cpp_kernel_test_neon_under_qemu(tmp_path):
     res = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(binary), "quick"], capture_output=True, text=True, timeout=300)
     assert "best isa neon" in res.stdout
     assert res.returncode == 0 and " 0 failed" in res.stdout, res.stdout[-3000:]
+
+
+def test_unknown_query_bits_raise():
+    q, k, v, pools, lengths = _good_args()
+    with pytest.raises(RuntimeError, match="query_bits=4"):
+        ops.packed_attention(q, k, v, pools, lengths, D**-0.5, query_bits=4)
+    with pytest.raises(ValueError, match="query_bits=16"):
+        ops.reference_packed_attention(q, k, v, lengths, *(pools.get(n) for n in ops.POOL_ARGS), D**-0.5, 64, -1, 16)

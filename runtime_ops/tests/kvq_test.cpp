@@ -155,6 +155,7 @@ double dequant(const PoolData& p, bool is_v, int64_t h, int64_t tok, int d, int 
 struct Case {
   int B, Hq, Hkv, T, D, G;
   int64_t fill[4], cap[4];  // per width 2, 4, 8, 16
+  int query_bits = 32;
 };
 
 void run_case(const Case& c, std::mt19937& rng) {
@@ -176,6 +177,15 @@ void run_case(const Case& c, std::mt19937& rng) {
   a.k_chunk = kc.data();
   a.v_chunk = vc.data();
   a.scale = 1.0f / std::sqrt(float(c.D));
+  a.query_bits = c.query_bits;
+  // The reference's query: q * scale, or with query_bits 8 its int8 rows dequantized (q_hat).
+  std::vector<float> qref(q.size());
+  for (size_t i = 0; i < q.size(); ++i) qref[i] = q[i] * a.scale;
+  if (c.query_bits == 8) {
+    std::vector<int8_t> q8(size_t(c.D));
+    float s = 0;
+    for (size_t r = 0; r < q.size() / size_t(c.D); ++r) kvq::detail::quantize_query(&qref[r * size_t(c.D)], c.D, q8.data(), s);
+  }
   for (int w = 0; w < 4; ++w) {
     const PoolData& p = pools[w];
     if (!p.cap) continue;
@@ -190,7 +200,7 @@ void run_case(const Case& c, std::mt19937& rng) {
     for (int hq = 0; hq < c.Hq; ++hq)
       for (int t = 0; t < c.T; ++t) {
         const int h = hq / G;
-        const float* qr = &q[size_t(((b * c.Hq + hq) * c.T + t) * c.D)];
+        const float* qr = &qref[size_t(((b * c.Hq + hq) * c.T + t) * c.D)];
         std::vector<double> s;
         std::vector<std::vector<double>> vals;
         for (const PoolData& p : pools)
@@ -201,7 +211,7 @@ void run_case(const Case& c, std::mt19937& rng) {
               dot += double(qr[d]) * dequant(p, false, h, j, d, c.D, c.G);
               v[size_t(d)] = dequant(p, true, h, j, d, c.D, c.G);
             }
-            s.push_back(dot * a.scale);
+            s.push_back(dot);
             vals.push_back(v);
           }
         for (int j = 0; j <= t; ++j) {
@@ -211,7 +221,7 @@ void run_case(const Case& c, std::mt19937& rng) {
             dot += double(qr[d]) * kc[size_t(((b * c.Hkv + h) * c.T + j) * c.D + d)];
             v[size_t(d)] = vc[size_t(((b * c.Hkv + h) * c.T + j) * c.D + d)];
           }
-          s.push_back(dot * a.scale);
+          s.push_back(dot);
           vals.push_back(v);
         }
         const double m = *std::max_element(s.begin(), s.end());
@@ -241,8 +251,8 @@ void run_case(const Case& c, std::mt19937& rng) {
       for (size_t i = 0; i < out.size(); ++i) err = std::max(err, std::fabs(out[i] - ref[i]));
       for (size_t i = 0; i < p2.size(); ++i) err2 = std::max(err2, std::fabs(p2[i] - ref_p2[i]));
       char what[200];
-      std::snprintf(what, sizeof what, "%s x%d B=%d Hq=%d Hkv=%d T=%d fill=(%lld,%lld,%lld,%lld): max err out %.2e, sum_p2 %.2e",
-                    kvq::isa_name(isa), threads, c.B, c.Hq, c.Hkv, c.T, (long long)c.fill[0], (long long)c.fill[1], (long long)c.fill[2],
+      std::snprintf(what, sizeof what, "%s x%d q%d B=%d Hq=%d Hkv=%d T=%d fill=(%lld,%lld,%lld,%lld): max err out %.2e, sum_p2 %.2e",
+                    kvq::isa_name(isa), threads, c.query_bits, c.B, c.Hq, c.Hkv, c.T, (long long)c.fill[0], (long long)c.fill[1], (long long)c.fill[2],
                     (long long)c.fill[3], err, err2);
       expect(err <= 1e-4 && err2 <= 1e-4, what);
     }
@@ -259,22 +269,28 @@ void test_attention_grid(bool quick) {
       for (int w = 0; w < 4; ++w)
         for (int64_t f : fills) {
           if ((T == 33 || quick) && f == 1100) continue;  // keep the sanitized run short; 1100 is covered at T <= 5
-          Case c{1, 3 * gqa, 3, T, 64, 64, {0, 0, 0, 0}, {0, 0, 0, 0}};
-          c.fill[w] = f;
-          c.cap[w] = f == 100 ? 160 : f;  // 100: partially filled pool; others: full
-          run_case(c, rng);
-          ++n;
+          for (int qb : {32, 8}) {  // the int8 query's integer key loops exist for the packed widths
+            if (qb == 8 && (w == 3 || f == 0)) continue;
+            Case c{1, 3 * gqa, 3, T, 64, 64, {0, 0, 0, 0}, {0, 0, 0, 0}, qb};
+            c.fill[w] = f;
+            c.cap[w] = f == 100 ? 160 : f;  // 100: partially filled pool; others: full
+            run_case(c, rng);
+            ++n;
+          }
         }
-      Case all{1, 3 * gqa, 3, T, 64, 64, {33, 40, 9, 17}, {50, 40, 16, 17}};
-      run_case(all, rng);
-      ++n;
+      for (int qb : {32, 8}) {
+        Case all{1, 3 * gqa, 3, T, 64, 64, {33, 40, 9, 17}, {50, 40, 16, 17}, qb};
+        run_case(all, rng);
+        ++n;
+      }
     }
   // batch > 1 (no cache split), and head_dim 128 with two groups per row
   run_case({6, 6, 2, 2, 64, 64, {20, 30, 0, 5}, {20, 31, 0, 9}}, rng);
   run_case({1, 4, 2, 3, 128, 64, {10, 600, 12, 30}, {10, 600, 12, 30}}, rng);
+  run_case({1, 4, 2, 3, 128, 64, {10, 600, 12, 30}, {10, 600, 12, 30}, 8}, rng);  // int8 query, fp32 key loops
   // a group of 32 at 2 bits has an 8-byte shift lane: the SIMD path must fall back to scalar
   run_case({1, 3, 1, 2, 64, 32, {40, 40, 0, 0}, {40, 40, 0, 0}}, rng);
-  std::printf("attention grid: %d pool/shape cases\n", n + 3);
+  std::printf("attention grid: %d pool/shape cases\n", n + 4);
 }
 
 void test_rejections() {
