@@ -74,18 +74,23 @@ bench-kernels: setup
 	$(PY) bench/bench_attention.py
 	$(PY) bench/bench_decode.py --depth 4096 --threads 1
 
-# Side by side (hours on 2 cores: ~12 exports of 4-9 min, then ~1 h of timing): our bundles (six KV
+# Side by side (hours on 2 cores: ~15 exports of 4-13 min, then ~1 h of timing): our bundles (six KV
 # policies x fp32/8da4w weights) through the native runner, transformers' stock ExecuTorch export
 # and llama.cpp (f16/q8_0/q4_0 KV) on the same GGUF, at the same depths and threads, taking turns.
 # Writes bench/RESULTS.md. The deepest depth is 8192 - gen: SmolLM2-135M has 8192 positions.
 SIDE_CTX := 8192
 SIDE_POLICIES := fp16 static-8 static-4 static-2 learned@4.0 learned@3.0
-SIDE_BUNDLES := $(foreach w,8da4w fp32,$(foreach p,$(SIDE_POLICIES),bundles/side-$(p)-$(w)/manifest.json))
+# + the packed policies with the int8 query (--query-bits 8), 8da4w weights
+SIDE_Q8_POLICIES := static-4 learned@4.0 learned@3.0
+SIDE_BUNDLES := $(foreach w,8da4w fp32,$(foreach p,$(SIDE_POLICIES),bundles/side-$(p)-$(w)/manifest.json)) \
+    $(foreach p,$(SIDE_Q8_POLICIES),bundles/side-$(p)-8da4w-q8/manifest.json)
 side_export = $(VENV)/bin/kvexport export --policy $(word 1,$(subst @, ,$(1))) \
     $(if $(word 2,$(subst @, ,$(1))),--kv-budget-bits $(word 2,$(subst @, ,$(1)))) \
-    --weights $(2) --max-seq-len $(SIDE_CTX) --formats pte --out bundles/side-$(1)-$(2) --force
+    --weights $(2) --max-seq-len $(SIDE_CTX) --formats pte $(3) --out bundles/side-$(1)-$(2)$(4) --force
 bundles/side-%-8da4w/manifest.json: | setup
 	$(call side_export,$*,8da4w)
+bundles/side-%-8da4w-q8/manifest.json: | setup
+	$(call side_export,$*,8da4w,--query-bits 8,-q8)
 bundles/side-%-fp32/manifest.json: | setup
 	$(call side_export,$*,fp32)
 bundles/stock-%-$(SIDE_CTX).pte: | setup

@@ -127,12 +127,14 @@ def _budget(policy: str) -> tuple[str, float | None]:
 
 
 def quality_row(policy: str, quality: list[dict]) -> dict[str, dict]:
-    """The eval harness's records for a kvexport policy label (learned@4 finds learned@4.0)."""
+    """The eval harness's records for a kvexport policy label (learned@4 finds learned@4.0; a " q8"
+    label, the int8 query, finds records with query_bits 8)."""
+    policy, q8 = policy.removesuffix(" q8"), policy.endswith(" q8")
     name, budget = _budget(policy)
     out = {}
     for r in quality:
         qname, qbudget = _budget(r["policy"])
-        if qname == name and qbudget == budget and (r.get("hadamard", True) or name == "fp16"):
+        if qname == name and qbudget == budget and (r.get("hadamard", True) or name == "fp16") and (r.get("query_bits", 32) == 8) == q8:
             out[r["task"]] = r
     return out
 
@@ -170,13 +172,19 @@ def bars(records: list[dict], deep: int, mid: int = 2048) -> list[dict]:
         rows = [r for r in records if r["depth"] == depth and r["engine"] == "llama.cpp"]
         return min(rows, key=lambda r: r["decode_ms_per_token"]) if rows else None
 
-    checks = [
-        (f"adaptive@4.0 / fp16 cache, depth {deep}", ours("learned@4", deep), ours("fp16", deep), 0.55),
-        (f"adaptive@4.0 / static-4, depth {deep}", ours("learned@4", deep), ours("static-4", deep), 1.05),
-        (f"adaptive@3.0 / static-4, depth {deep}", ours("learned@3", deep), ours("static-4", deep), 0.90),
-        (f"adaptive@4.0 / llama.cpp fastest KV, depth {deep}", ours("learned@4", deep), fastest_llamacpp(deep), 0.50),
-        (f"adaptive@4.0 / llama.cpp fastest KV, depth {mid}", ours("learned@4", mid), fastest_llamacpp(mid), 0.80),
-    ]
+    # Each query precision the run has bundles for gets its own rows (the int8 query, " q8", is
+    # compared with static-4 at the same precision; an fp16 cache has no packed keys to score).
+    checks = []
+    for q in [s for s in ("", " q8") if any(r["policy"] in (f"learned@4{s}", f"learned@3{s}") for r in records)] or [""]:
+        tag = " (int8 query)" if q else ""
+        fp16 = lambda d: ours(f"fp16{q}", d) or ours("fp16", d)  # noqa: E731
+        checks += [
+            (f"adaptive@4.0{tag} / fp16 cache, depth {deep}", ours(f"learned@4{q}", deep), fp16(deep), 0.55),
+            (f"adaptive@4.0{tag} / static-4{tag}, depth {deep}", ours(f"learned@4{q}", deep), ours(f"static-4{q}", deep), 1.05),
+            (f"adaptive@3.0{tag} / static-4{tag}, depth {deep}", ours(f"learned@3{q}", deep), ours(f"static-4{q}", deep), 0.90),
+            (f"adaptive@4.0{tag} / llama.cpp fastest KV, depth {deep}", ours(f"learned@4{q}", deep), fastest_llamacpp(deep), 0.50),
+            (f"adaptive@4.0{tag} / llama.cpp fastest KV, depth {mid}", ours(f"learned@4{q}", mid), fastest_llamacpp(mid), 0.80),
+        ]
     out = []
     for what, num, den, bar in checks:
         if num is None or den is None:

@@ -64,10 +64,12 @@ def parse_depths(text: str) -> tuple[int, ...]:
 
 
 def policy_label(manifest: dict) -> str:
-    """learned@4.0, rule@3.0, static-4, fp16 ... (the budget when the policy has one)."""
+    """learned@4.0, rule@3.0, static-4, fp16 ... (the budget when the policy has one), + " q8" for
+    a bundle whose attention uses the int8 query (cache.query_bits 8)."""
     pol = manifest["policy"]
     budget = pol.get("kv_budget_bits")
-    return f"{pol['name']}@{budget:g}" if budget is not None and pol["name"] in ("learned", "rule", "oracle") else pol["name"]
+    label = f"{pol['name']}@{budget:g}" if budget is not None and pol["name"] in ("learned", "rule", "oracle") else pol["name"]
+    return label + (" q8" if manifest.get("cache", {}).get("query_bits") == 8 else "")
 
 
 def depth_prompt(bundle: B.Bundle, n: int) -> list[int]:

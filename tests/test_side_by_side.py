@@ -45,6 +45,19 @@ def test_bars_divide_the_right_rows_and_say_what_was_not_measured():
     assert bars["adaptive@4.0 / llama.cpp fastest KV, depth 2048"]["ratio"] == pytest.approx(8 / 9)
 
 
+def test_int8_query_bundles_get_their_own_bar_rows():
+    recs = [_rec("kvexport", "fp16", 8128, 20.0), _rec("kvexport", "static-4", 8128, 10.0), _rec("kvexport", "learned@4", 8128, 10.0),
+            _rec("kvexport", "static-4 q8", 8128, 8.0), _rec("kvexport", "learned@4 q8", 8128, 8.4), _rec("kvexport", "learned@3 q8", 8128, 7.6)]
+    bars = {b["bar"]: b for b in side.bars(recs, 8128)}
+    assert bars["adaptive@4.0 / static-4, depth 8128"]["ratio"] == pytest.approx(1.0)  # fp32 query vs fp32 query
+    assert bars["adaptive@4.0 (int8 query) / static-4 (int8 query), depth 8128"]["ratio"] == pytest.approx(8.4 / 8.0)
+    assert bars["adaptive@3.0 (int8 query) / static-4 (int8 query), depth 8128"]["ratio"] == pytest.approx(7.6 / 8.0)
+    assert bars["adaptive@4.0 (int8 query) / fp16 cache, depth 8128"]["ratio"] == pytest.approx(8.4 / 20.0)  # the one fp16 bundle
+    quality = [{"task": "wikitext2", "policy": "static-4", "perplexity": 19.50}, {"task": "wikitext2", "policy": "static-4", "query_bits": 8, "perplexity": 19.49}]
+    assert side.quality_row("static-4 q8", quality)["wikitext2"]["perplexity"] == 19.49
+    assert side.quality_row("static-4", quality)["wikitext2"]["perplexity"] == 19.50
+
+
 def test_paired_ratio_pairs_repetitions_of_the_same_round():
     num, den = _rec("kvexport", "learned@4", 8128, 12.0), _rec("kvexport", "static-4", 8128, 11.0)
     num["decode_ms_reps"], den["decode_ms_reps"] = [10.0, 20.0, 6.0], [10.0, 16.0, 6.0]  # round 2 was a slow burst for both
