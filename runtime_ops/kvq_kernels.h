@@ -1128,18 +1128,8 @@ inline Plan make_plan(const AttentionArgs& a) {
 // Partial state layout in the scratch buffer, per item: kTileRows x (m, l, l2, acc[D]).
 inline int64_t state_floats(int64_t D) { return kTileRows * (3 + D); }
 
-// Sum / largest magnitude of n values (n % 16 == 0 here) with 16 independent chains: one chain
-// would be a latency-bound loop, paid for every row of every work item.
-inline float sum16(const float* x, int64_t n) {
-  float acc[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; ++k) acc[k] += x[i + k];
-  for (; i < n; ++i) acc[0] += x[i];
-  for (int w = 8; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
-  return acc[0];
-}
+// Largest magnitude of n values with 16 independent chains: one chain would be a latency-bound
+// loop, paid for every row of every work item (exact in any order).
 inline float amax16(const float* x, int64_t n) {
   float acc[16] = {};
   int64_t i = 0;
@@ -1213,7 +1203,8 @@ inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh
     for (int64_t d = 0; d < D; ++d) w.qs[r][d] = q[d] * a.scale;
     if (a.query_bits == 8) quantize_query(w.qs[r], D, w.q8[r], w.qscale[r]);
     if (G % 16 == 0 && D % G == 0)  // the SIMD path's zero term (G % 16 == 0: <= kMaxGroups groups)
-      for (int64_t g0 = 0; g0 < D / G; ++g0) w.qsum[r][g0] = sum16(w.qs[r] + g0 * G, G);
+      for (int64_t g0 = 0; g0 < D / G; ++g0)  // in order, as always: 8da4w activation rounding turns last-bit changes into 1e-2 logits
+        for (int64_t d = g0 * G; d < (g0 + 1) * G; ++d) w.qsum[r][g0] += w.qs[r][d];
   }
   const bool simd = isa != Isa::kScalar && simd_layout_ok(a);
   for (int i = pl.parts[part].first; i < pl.parts[part].second; ++i) {
