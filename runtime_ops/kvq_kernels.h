@@ -271,7 +271,7 @@ struct AttentionArgs {
   const float* v_chunk = nullptr;  // [B, Hkv, T, D]
   Pool pools[kNumWidths];          // 2, 4, 8, 16 bits; every batch row attends the same pools
   float scale = 1.0f;              // softmax scale, usually D^-0.5
-  int query_bits = 32;             // 32: fp32 query; 8: int8 query rows (see the top of this file)
+  int64_t query_bits = 32;         // 32: fp32 query; 8: int8 query rows (see the top of this file)
   float* out = nullptr;            // [B, Hq, T, D]
   float* sum_p2 = nullptr;         // [B, Hq, T]: sum_j p_j^2 of each query row
 };
@@ -284,7 +284,7 @@ inline Error check_attention_args(const AttentionArgs& a) {
   if (a.q_heads % a.kv_heads) return make_error("q heads (%lld) must be a multiple of KV heads (%lld)", (long long)a.q_heads, (long long)a.kv_heads);
   if (a.head_dim < 1 || a.head_dim > kMaxHeadDim) return make_error("head_dim=%lld outside [1, %d]", (long long)a.head_dim, kMaxHeadDim);
   if (a.query_bits != 32 && a.query_bits != 8)
-    return make_error("query_bits=%d: the query is fp32 (32) or int8 rows (8)", a.query_bits);
+    return make_error("query_bits=%lld: the query is fp32 (32) or int8 rows (8)", (long long)a.query_bits);
   for (int w = 0; w < kNumWidths; ++w) {
     const Pool& p = a.pools[w];
     if (p.len < 0 || p.len > p.capacity)
@@ -436,9 +436,7 @@ inline Error make_attention_args(const TensorDesc& q, const TensorDesc& k_chunk,
   if (!std::isfinite(scale)) return make_error("scale must be finite");
   a.group_size = group_size;
   a.scale = float(scale);
-  if (query_bits != 32 && query_bits != 8)
-    return make_error("query_bits=%lld: the query is fp32 (32) or int8 rows (8)", (long long)query_bits);
-  a.query_bits = int(query_bits);
+  a.query_bits = query_bits;  // checked with the rest by check_attention_args
   a.q = static_cast<const float*>(q.data);
   a.k_chunk = static_cast<const float*>(k_chunk.data);
   a.v_chunk = static_cast<const float*>(v_chunk.data);
@@ -505,8 +503,8 @@ struct Tile {
   int rows = 0;          // valid rows (<= kTileRows)
   int64_t t[kTileRows];  // chunk position of each row, for the causal mask
   float qs[kTileRows][kMaxHeadDim];  // q * scale (query_bits 8: q_hat = q8 * qscale); unused rows are zero
-  alignas(32) int8_t q8[kTileRows][kMaxHeadDim];  // query_bits 8: the int8 query rows
-  float qscale[kTileRows];                        // query_bits 8: s of each row
+  alignas(32) int8_t q8[kTileRows][kMaxHeadDim];  // query_bits 8: the int8 query rows (valid rows only)
+  float qscale[kTileRows];                        // query_bits 8: s of each valid row
   bool q_int = false;                             // score packed keys with integer dot products
   float qsum[kTileRows][kMaxGroups]; // per-group sum of qs, multiplies the key zeros
   float m[kTileRows], l[kTileRows], l2[kTileRows];
@@ -1193,8 +1191,6 @@ inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh
     std::fill(w.zacc[r], w.zacc[r] + kMaxGroups, 0.0f);
     std::fill(w.qs[r], w.qs[r] + D, 0.0f);
     std::fill(w.qsum[r], w.qsum[r] + kMaxGroups, 0.0f);
-    std::fill(w.q8[r], w.q8[r] + D, int8_t(0));
-    w.qscale[r] = 0.0f;
     w.t[r] = -1;
     if (r >= w.rows) continue;
     const int64_t row = r0 + r, g = row / T, t = row % T;
