@@ -1177,10 +1177,11 @@ inline void quantize_query(float* qs, int64_t D, int8_t* q8, float& s) {
   }
 }
 
-inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh, int64_t tile, int part, float* state) {
+// A tile's starting state: its query rows (scaled; for query_bits 8 also quantized) with their
+// per-group sums, and an empty softmax state.
+inline void prepare_tile(const AttentionArgs& a, const Plan& pl, int64_t bh, int64_t tile, Tile& w) {
   const int64_t D = a.head_dim, G = a.group_size, T = a.chunk_len;
   const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
-  Tile w;
   w.q_int = a.query_bits == 8 && D == 64 && G == 64;  // the integer key loops are written for one 64-dim group
   const int64_t r0 = tile * kTileRows;
   w.rows = int(std::min<int64_t>(kTileRows, pl.rows - r0));
@@ -1202,6 +1203,19 @@ inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh
       for (int64_t g0 = 0; g0 < D / G; ++g0)  // in order, as always: 8da4w activation rounding turns last-bit changes into 1e-2 logits
         for (int64_t d = g0 * G; d < (g0 + 1) * G; ++d) w.qsum[r][g0] += w.qs[r][d];
   }
+}
+
+// One work item. `start`: the tile's prepared state when the call was split over the cache (the
+// parts of a tile share it: preparing it in each of the 16 parts of an 8192-token int8-query
+// decode call was ~4% of the call with hot caches), else null.
+inline void run_item(const AttentionArgs& a, const Plan& pl, Isa isa, int64_t bh, int64_t tile, int part, const Tile* start, float* state) {
+  const int64_t D = a.head_dim, G = a.group_size;
+  const int64_t b = bh / a.kv_heads, h = bh % a.kv_heads;
+  Tile w;
+  if (start)
+    w = *start;
+  else
+    prepare_tile(a, pl, bh, tile, w);
   const bool simd = isa != Isa::kScalar && simd_layout_ok(a);
   for (int i = pl.parts[part].first; i < pl.parts[part].second; ++i) {
     const Segment& seg = pl.segments[i];
@@ -1270,10 +1284,15 @@ void packed_attention(const AttentionArgs& a, Isa isa, ParFor&& par_for) {
   std::vector<float> states(size_t(heads * pl.items() * per_item));
   std::vector<std::atomic<int>> done(static_cast<size_t>(tiles));
   for (auto& d : done) d.store(0, std::memory_order_relaxed);
+  // Split calls (decode: few tiles, many parts) prepare each tile once, before the fork; the
+  // unsplit ones (prefill: many tiles, one part each) prepare inside their only item.
+  std::vector<Tile> starts(nparts > 1 ? size_t(tiles) : 0);
+  for (int64_t ht = 0; ht < int64_t(starts.size()); ++ht) prepare_tile(a, pl, ht / pl.tiles, ht % pl.tiles, starts[size_t(ht)]);
   par_for(heads * pl.items(), [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bh = it / pl.items(), rest = it % pl.items(), ht = bh * pl.tiles + rest / nparts;
-      run_item(a, pl, isa, bh, rest / nparts, int(rest % nparts), states.data() + it * per_item);
+      const Tile* start = starts.empty() ? nullptr : &starts[size_t(ht)];
+      run_item(a, pl, isa, bh, rest / nparts, int(rest % nparts), start, states.data() + it * per_item);
       // acq_rel: the last finisher sees every other part's state before merging
       if (done[size_t(ht)].fetch_add(1, std::memory_order_acq_rel) + 1 == nparts)
         merge_tile(a, pl, ht, states.data() + ht * nparts * per_item);
