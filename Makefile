@@ -80,7 +80,7 @@ bench-kernels: setup
 # Writes bench/RESULTS.md. The deepest depth is 8192 - gen: SmolLM2-135M has 8192 positions.
 SIDE_CTX := 8192
 SIDE_POLICIES := fp16 static-8 static-4 static-2 learned@4.0 learned@3.0
-# + the packed policies with the int8 query (--query-bits 8), 8da4w weights
+# (fp32 query, --query-bits 32) + the packed policies with the int8 query (--query-bits 8, export's default), 8da4w weights
 SIDE_Q8_POLICIES := static-4 learned@4.0 learned@3.0
 SIDE_BUNDLES := $(foreach w,8da4w fp32,$(foreach p,$(SIDE_POLICIES),bundles/side-$(p)-$(w)/manifest.json)) \
     $(foreach p,$(SIDE_Q8_POLICIES),bundles/side-$(p)-8da4w-q8/manifest.json)
@@ -88,11 +88,11 @@ side_export = $(VENV)/bin/kvexport export --policy $(word 1,$(subst @, ,$(1))) \
     $(if $(word 2,$(subst @, ,$(1))),--kv-budget-bits $(word 2,$(subst @, ,$(1)))) \
     --weights $(2) --max-seq-len $(SIDE_CTX) --formats pte $(3) --out bundles/side-$(1)-$(2)$(4) --force
 bundles/side-%-8da4w/manifest.json: | setup
-	$(call side_export,$*,8da4w)
+	$(call side_export,$*,8da4w,--query-bits 32)
 bundles/side-%-8da4w-q8/manifest.json: | setup
 	$(call side_export,$*,8da4w,--query-bits 8,-q8)
 bundles/side-%-fp32/manifest.json: | setup
-	$(call side_export,$*,fp32)
+	$(call side_export,$*,fp32,--query-bits 32)
 bundles/stock-%-$(SIDE_CTX).pte: | setup
 	$(PY) bench/stock_executorch.py --weights $* --max-seq-len $(SIDE_CTX) --depth 0 --steps 2 --out $@
 # llama.cpp is built from source by pip (~7 min); bench/requirements-peers.txt pins it.

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import ops  # noqa: F401  (defines the kvq ops, logit_stats among them)
+
 FEATURE_NAMES: tuple[str, ...] = ("entropy", "rarity", "attn_var", "confidence")
 
 
@@ -41,10 +43,11 @@ class TokenFeatures:
 
 
 def next_token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [T, V] -> (entropy [T] in nats, confidence = max probability [T])."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    p = logp.exp()
-    return -(p * logp).sum(-1), p.amax(-1)
+    """logits: [T, V] -> (entropy [T] in nats, confidence = max probability [T]).
+
+    The kvq op (:mod:`adaptive_kv.ops`): its compiled kernel once the library is loaded, else the
+    log_softmax reference; the exported graph calls the same op, so eager and .pte agree."""
+    return torch.ops.kvq.logit_stats(logits.float().contiguous())
 
 
 def attention_variance(sum_p2: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:

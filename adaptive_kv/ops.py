@@ -1,4 +1,4 @@
-"""The ``kvq`` custom ops: packing KV rows and fused attention over the packed cache.
+"""The ``kvq`` custom ops: packing KV rows, fused attention over the packed cache, logit statistics.
 
 Three layers, always in this order:
 
@@ -10,7 +10,7 @@ Three layers, always in this order:
 3. :func:`executorch_library_path` is the ExecuTorch kernel library to ``ctypes``-load before a
    ``.pte`` that calls the ops is run (:func:`load_executorch_library` does that).
 
-Schemas (both ops also have an ``.out`` variant with keyword-only mutable outputs, the form an
+Schemas (every op also has an ``.out`` variant with keyword-only mutable outputs, the form an
 ExecuTorch program calls):
 
     kvq::pack_rows(Tensor x, int bits, int group_size=64) -> (Tensor, Tensor, Tensor)
@@ -32,6 +32,11 @@ ExecuTorch program calls):
         uses KV head h // (Hq/Hkv). ``query_bits=8`` defines the op on the int8 query rows of
         :func:`~adaptive_kv.formats.quantize_query` (q * scale quantized per row), which the
         kernel scores packed keys with in integer arithmetic; 32 keeps q in fp32.
+
+    kvq::logit_stats(Tensor logits) -> (Tensor, Tensor)
+        logits: [..., V] float32 -> entropy [...] (nats) and confidence [...] (max probability) of
+        softmax(logits): the controller's next-token features (:func:`~adaptive_kv.features.next_token_stats`)
+        in two passes over the vocabulary instead of five.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ torch.library.define(
     "kvq::pack_rows.out",
     f"({_PACK_ARGS}, *, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!) zero) -> (Tensor(a!), Tensor(b!), Tensor(c!))",
 )
+torch.library.define("kvq::logit_stats", "(Tensor logits) -> (Tensor, Tensor)")
+torch.library.define("kvq::logit_stats.out", "(Tensor logits, *, Tensor(a!) entropy, Tensor(b!) confidence) -> (Tensor(a!), Tensor(b!))")
 torch.library.define("kvq::packed_attention", f"({_ATTN_ARGS}) -> (Tensor, Tensor)")
 torch.library.define(
     "kvq::packed_attention.out", f"({_ATTN_ARGS}, *, Tensor(a!) out, Tensor(b!) sum_p2) -> (Tensor(a!), Tensor(b!))"
@@ -152,6 +159,24 @@ def _packed_attention_fake(*args, **kwargs):
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+def _logit_shape(logits: torch.Tensor) -> list[int]:
+    _check(logits.dim() >= 1 and logits.dtype == torch.float32 and logits.shape[-1] >= 1,
+           f"logits must be float32 [..., vocab] with a vocabulary, got {logits.dtype} {tuple(logits.shape)}")
+    return list(logits.shape[:-1])
+
+
+@torch.library.register_fake("kvq::logit_stats")
+def _logit_stats_fake(logits):
+    shape = _logit_shape(logits)
+    return logits.new_empty(shape), logits.new_empty(shape)
+
+
+@torch.library.impl("kvq::logit_stats.out", "Meta")
+def _logit_stats_out_meta(logits, *, entropy, confidence):
+    _logit_shape(logits)
+    return entropy, confidence
+
+
 # The .out variants only need shapes at compile time (ExecuTorch re-traces its out-variant graph).
 @torch.library.impl("kvq::pack_rows.out", "Meta")
 def _pack_rows_out_meta(x, bits, group_size=64, *, codes, scale, zero):
@@ -204,6 +229,26 @@ def reference_packed_attention(*args, **kwargs) -> tuple[torch.Tensor, torch.Ten
     visible[:, n_cache:] = torch.ones(t, t, dtype=torch.bool).tril()
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
     return p @ v_all, p.square().sum(-1)
+
+
+def reference_logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-sum p log p and max p of softmax(logits) over the last dim, through log_softmax."""
+    _logit_shape(logits)
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return -(p * logp).sum(-1), p.amax(-1)
+
+
+@torch.library.impl("kvq::logit_stats", "CompositeExplicitAutograd")
+def _logit_stats_reference(logits):
+    return reference_logit_stats(logits)
+
+
+@torch.library.impl("kvq::logit_stats.out", "CompositeExplicitAutograd")
+def _logit_stats_out_reference(logits, *, entropy, confidence):
+    h, c = reference_logit_stats(logits)
+    entropy.resize_(h.shape).copy_(h), confidence.resize_(c.shape).copy_(c)
+    return entropy, confidence
 
 
 @torch.library.impl("kvq::pack_rows", "CompositeExplicitAutograd")
@@ -269,22 +314,28 @@ def load_executorch_library() -> Path:
     return path
 
 
-_ISAS = {"scalar": 0, "avx2": 1, "neon": 2}
+_ISAS = {"scalar": 0, "avx2": 1, "neon": 2, "avx512": 3}
 
 
 def best_kernel_isa() -> str:
-    """The fastest path compiled into the ATen library ("avx2", "neon" or "scalar")."""
+    """The fastest path compiled into the ATen library ("avx512", "avx2", "neon" or "scalar")."""
     load_library()
     return {v: k for k, v in _ISAS.items()}[_aten_handle.kvq_best_isa()]
 
 
+def compiled_kernel_isas() -> list[str]:
+    """Every path compiled into the ATen library, best last (an AVX-512 build also has the AVX2 loops)."""
+    best = best_kernel_isa()
+    return ["scalar"] + (["avx2"] if best == "avx512" else []) + ([best] if best != "scalar" else [])
+
+
 @contextlib.contextmanager
 def kernel_isa(name: str) -> Iterator[None]:
-    """Run the compiled kernels on one path ("scalar" or the best one), e.g. to test the scalar reference."""
+    """Run the compiled kernels on one path (one of compiled_kernel_isas()), e.g. to test the scalar reference."""
     load_library()
     handles = [h for h in (_aten_handle, _executorch_handle) if h is not None]
     if name not in _ISAS or any(h.kvq_set_isa(_ISAS[name]) < 0 for h in handles):
-        raise ValueError(f"kernel path {name!r} is not compiled in; choose 'scalar' or {best_kernel_isa()!r}")
+        raise ValueError(f"kernel path {name!r} is not compiled in; choose one of {compiled_kernel_isas()}")
     try:
         yield
     finally:

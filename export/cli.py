@@ -262,8 +262,9 @@ def train_controller(model, data_specs, window, max_windows, budget, features, a
 @click.option("--max-seq-len", default=2048, show_default=True, help="Context the cache holds, in tokens (prompt + generated).")
 @click.option("--chunk-size", default=32, show_default=True, help="Most tokens one forward call takes (prefill chunk).")
 @click.option("--hadamard/--no-hadamard", default=True, show_default=True)
-@click.option("--query-bits", default="32", show_default=True, type=click.Choice(["32", "8"]),
-              help="Attention query precision: 32 (fp32) or 8 (int8 rows: packed keys scored with integer dot products, ~15% faster attention).")
+@click.option("--query-bits", default=None, type=click.Choice(["32", "8"]),
+              help="Attention query precision: 32 (fp32) or 8 (int8 rows: packed keys scored with integer dot products, ~15-25% faster "
+                   "attention). [default: 8, or 32 for --policy fp16, which has no packed keys]")
 @click.option("--formats", default="pte,onnx", show_default=True,
               help="Comma-separated: pte (ExecuTorch program + kvq kernels), onnx (model.onnx + model.onnx.data, stock onnxruntime).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
@@ -274,7 +275,7 @@ def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_si
     from .pipeline import ExportOptions, export_bundle
 
     opts = ExportOptions(out=out, model=model, policy=policy, controller=controller, budget_bits=budget, weights=weights,
-                         max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, query_bits=int(query_bits), force=force,
+                         max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, query_bits=None if query_bits is None else int(query_bits), force=force,
                          formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
     logger = logging.getLogger("export")
     logger.setLevel(logging.INFO)

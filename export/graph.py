@@ -369,9 +369,7 @@ class ExportableDecoder(nn.Module):
         feats = {"rarity": self._rarity(ids[0], now), "position": positions.float()}
         needs = set(self.policy.needs)
         if needs & {"entropy", "confidence"}:
-            logp = torch.log_softmax(logits[0], dim=-1)  # [T, V]
-            prob = logp.exp()
-            feats["entropy"], feats["confidence"] = -(prob * logp).sum(-1), prob.amax(-1)
+            feats["entropy"], feats["confidence"] = torch.ops.kvq.logit_stats(logits[0].contiguous())  # [T] each
         if "attn_var" in needs:
             n = (start + torch.arange(1, t + 1)).float()  # [T] keys each query sees
             feats["attn_var"] = (sum_p2[0] / n - 1.0 / (n * n)).mean(0)  # features.attention_variance

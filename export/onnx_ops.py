@@ -12,9 +12,10 @@ do, so the model runs in a stock onnxruntime with no custom library:
 - packed_attention: each pool's filled rows sliced (``lengths`` as Slice ends, so a step reads
   what is filled, not the capacity), codes unpacked with BitShift/BitwiseAnd and dequantized,
   then one masked softmax over [cache, chunk]. GQA without copying K/V per query head: the
-  g query heads of a KV head are folded into the row dimension of one MatMul.
+  g query heads of a KV head are folded into the row dimension of one MatMul;
+- logit_stats: LogSoftmax, then -sum p log p and max p (the op's reference).
 
-Both keep the layout contract of the C++ kernels (see ``adaptive_kv/ops.py``), so the cache an
+pack_rows and packed_attention keep the layout contract of the C++ kernels (see ``adaptive_kv/ops.py``), so the cache an
 ONNX model writes is the cache the ``.pte`` reads, byte for byte up to rare rounding ties.
 """
 
@@ -195,6 +196,13 @@ def aten_amin(x, dim=(), keepdim: bool = False):
     return op.ReduceMin(x, _i64(*axes), keepdims=int(keepdim))
 
 
+def kvq_logit_stats(logits):
+    """logits [..., V] -> (entropy, confidence) [...]: :func:`adaptive_kv.ops.reference_logit_stats`."""
+    logp = op.LogSoftmax(logits, axis=-1)
+    p = op.Exp(logp)
+    return op.Neg(op.ReduceSum(op.Mul(p, logp), _i64(-1), keepdims=0)), op.ReduceMax(p, _i64(-1), keepdims=0)
+
+
 def translation_table() -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``."""
     import torch
@@ -204,5 +212,6 @@ def translation_table() -> dict:
     return {
         torch.ops.kvq.pack_rows.default: kvq_pack_rows,
         torch.ops.kvq.packed_attention.default: kvq_packed_attention,
+        torch.ops.kvq.logit_stats.default: kvq_logit_stats,
         torch.ops.aten.amin.default: aten_amin,
     }

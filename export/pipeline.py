@@ -40,7 +40,7 @@ class ExportOptions:
     chunk_size: int = 32  # most tokens per forward call (get_max_seq_len)
     kv_group_size: int = 64
     hadamard: bool = True
-    query_bits: int = 32  # 8: the attention scores packed keys with int8 query rows
+    query_bits: int | None = None  # 8: packed keys scored with int8 query rows; None: 8 unless fp16 (nothing packed)
     formats: tuple[str, ...] = FORMATS
     force: bool = False
 
@@ -60,6 +60,8 @@ class ExportOptions:
             raise PolicyError(f"--kv-budget-bits applies to rule and learned, not '{self.policy}', whose memory is fixed by its widths")
         if self.controller is not None and self.policy != "learned":
             raise PolicyError("--controller applies to --policy learned only")
+        if self.query_bits is None:  # the int8 query only pays where keys are packed; it costs no measurable quality
+            object.__setattr__(self, "query_bits", 32 if self.policy == "fp16" else 8)
         if self.query_bits not in QUERY_BITS:
             raise PteExportError(f"--query-bits {self.query_bits}: the attention's query is fp32 (32) or int8 rows (8)")
         if self.controller is not None and not Path(self.controller).is_file():

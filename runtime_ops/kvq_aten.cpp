@@ -4,6 +4,7 @@
 // library only overrides the CPU implementation. Load it with adaptive_kv.ops.load_library().
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/Resize.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -117,9 +118,35 @@ std::tuple<at::Tensor, at::Tensor> packed_attention(
   return {out, sum_p2};
 }
 
+// ---- logit_stats ------------------------------------------------------------------------------
+std::tuple<at::Tensor&, at::Tensor&> logit_stats_out(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& confidence) {
+  TORCH_CHECK(logits.dim() >= 1 && logits.scalar_type() == at::kFloat, "kvq: logits must be float32 [..., vocab], got ", logits.scalar_type(), " ",
+              logits.sizes());
+  const at::Tensor z = logits.contiguous();
+  const int64_t vocab = z.size(-1), rows = vocab > 0 ? z.numel() / vocab : 0;
+  check(kvq::check_logit_args(rows, vocab));
+  const auto lead = z.sizes().slice(0, z.dim() - 1);
+  for (at::Tensor* t : {&entropy, &confidence}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "kvq: logit_stats outputs must be contiguous float32");
+    at::native::resize_output(*t, lead);
+  }
+  kvq::logit_stats(z.data_ptr<float>(), rows, vocab, entropy.data_ptr<float>(), confidence.data_ptr<float>(), kvq::current_isa(), AtenFor{});
+  return {entropy, confidence};
+}
+
+std::tuple<at::Tensor, at::Tensor> logit_stats(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() >= 1, "kvq: logits must be float32 [..., vocab], got a 0-dim tensor");
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  at::Tensor entropy = at::empty(lead, logits.options().dtype(at::kFloat)), confidence = at::empty(lead, logits.options().dtype(at::kFloat));
+  logit_stats_out(logits, entropy, confidence);
+  return {entropy, confidence};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kvq, CPU, m) {
+  m.impl("logit_stats", &logit_stats);
+  m.impl("logit_stats.out", &logit_stats_out);
   m.impl("pack_rows", &pack_rows);
   m.impl("pack_rows.out", &pack_rows_out);
   m.impl("packed_attention", &packed_attention);

@@ -151,9 +151,40 @@ void packed_attention_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) 
   kvq::packed_attention(a, kvq::current_isa(), EtFor{});
 }
 
+// kvq::logit_stats.out(Tensor logits, *, Tensor(a!) entropy, Tensor(b!) confidence) -> (Tensor(a!), Tensor(b!))
+void logit_stats_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  executorch::runtime::internal::EventTracerProfileOpScope prof(ctx.internal_event_tracer(), "native_call_kvq::logit_stats.out");
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() == 3 || stack.size() == 4, InvalidProgram, , "kvq::logit_stats.out: %zu arguments", stack.size());
+  ET_KERNEL_CHECK_MSG(ctx, stack[0]->isTensor() && stack[1]->isTensor() && stack[2]->isTensor(), InvalidArgument, ,
+                      "kvq::logit_stats.out: expected (Tensor, *, Tensor, Tensor)");
+  const kvq::TensorDesc zd = describe(*stack[0]);
+  if (!ok_or_fail(ctx, zd.dim >= 1 && zd.dtype == kvq::DType::kFloat && zd.contiguous
+                           ? kvq::Error{}
+                           : kvq::make_error("logit_stats: logits must be contiguous float32 [..., vocab]")))
+    return;
+  const int64_t vocab = zd.sizes[zd.dim - 1];
+  int64_t rows = 1;
+  executorch::aten::SizesType lead[8];
+  for (int i = 0; i + 1 < zd.dim; ++i) {
+    lead[i] = executorch::aten::SizesType(zd.sizes[i]);
+    rows *= zd.sizes[i];
+  }
+  if (!ok_or_fail(ctx, kvq::check_logit_args(rows, vocab))) return;
+  Tensor& entropy = stack[1]->toTensor();
+  Tensor& confidence = stack[2]->toTensor();
+  for (Tensor* t : {&entropy, &confidence}) {
+    ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(*t, {lead, size_t(zd.dim - 1)}) == Error::Ok, InvalidArgument, );
+    ET_KERNEL_CHECK_MSG(ctx, t->scalar_type() == ScalarType::Float, InvalidArgument, , "kvq::logit_stats.out: outputs must be float32");
+  }
+  kvq::logit_stats(static_cast<const float*>(zd.data), rows, vocab, entropy.mutable_data_ptr<float>(), confidence.mutable_data_ptr<float>(),
+                   kvq::current_isa(), EtFor{});
+}
+
 const auto kPackRegistration = executorch::runtime::register_kernel(executorch::runtime::Kernel("kvq::pack_rows.out", pack_rows_out_boxed));
 const auto kAttentionRegistration =
     executorch::runtime::register_kernel(executorch::runtime::Kernel("kvq::packed_attention.out", packed_attention_out_boxed));
+const auto kLogitStatsRegistration =
+    executorch::runtime::register_kernel(executorch::runtime::Kernel("kvq::logit_stats.out", logit_stats_out_boxed));
 
 }  // namespace
 

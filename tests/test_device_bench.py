@@ -95,7 +95,7 @@ def test_depth_prompt_is_real_text_of_the_asked_length(bundle_dir):
     b = B.verify(bundle_dir)
     ids = depth_prompt(b, 300)
     assert len(ids) == 300 and len(set(ids)) > 50  # text, not one repeated token
-    assert policy_label(b.manifest) == "rule@4"
+    assert policy_label(b.manifest) == "rule@4 q8"  # packed policies default to an int8 query
 
 
 class _Clock:

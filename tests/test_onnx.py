@@ -89,6 +89,22 @@ def test_packed_attention_translation_matches_reference(mix, gqa, query_bits, tm
             assert a.shape == tuple(w.shape) and np.abs(a - w.numpy()).max() <= 1e-5
 
 
+class Stats(torch.nn.Module):
+    def forward(self, logits):
+        return torch.ops.kvq.logit_stats(logits)
+
+
+def test_logit_stats_translation_matches_reference(tmp_path):
+    v = torch.export.Dim("v", min=2, max=100000)
+    sess = to_onnx(Stats(), (torch.randn(3, 50),), tmp_path / "stats.onnx", ({1: v},))
+    for shape in [(3, 49152), (3, 17)]:
+        z = torch.randn(*shape) * 3
+        z[:, 0] += 25.0
+        got = run(sess, z.numpy())
+        for a, w in zip(got, ops.reference_logit_stats(z)):
+            assert a.shape == tuple(w.shape) and np.abs(a - w.numpy()).max() <= 1e-5
+
+
 def test_packed_attention_translation_reads_one_layer_of_whole_model_pools(tmp_path):
     from adaptive_kv.cache import CacheConfig, CacheLayout, PackedKVCache
 

@@ -36,11 +36,14 @@ def compiled():
     return ops.load_library()
 
 
-ISAS = ["scalar", "best"]
+# "avx2": the AVX2 loops of an AVX-512 build (elsewhere "best" already is, or there are none).
+ISAS = ["scalar", "avx2", "best"]
 
 
 def isa_ctx(name: str):
-    return ops.kernel_isa("scalar" if name == "scalar" else ops.best_kernel_isa())
+    if name == "avx2" and ops.best_kernel_isa() != "avx512":
+        pytest.skip("the AVX2 loops are the best path of this build, or not compiled in")
+    return ops.kernel_isa(ops.best_kernel_isa() if name == "best" else name)
 
 
 # ---- pack_rows: bit-exact with formats.quantize_rows ------------------------------------------
@@ -172,6 +175,23 @@ def test_layer_index_reads_whole_model_pools_in_place(isa):
             ops.packed_attention(q, kc, vc, pools, lengths, D**-0.5, layer=3)
 
 
+@pytest.mark.parametrize("query_bits", [32, 8])
+def test_avx512_loops_bit_identical_to_avx2(query_bits):
+    """The 16-lane value loops and VNNI key dots accumulate like the 8-lane ones: equal bits."""
+    if ops.best_kernel_isa() != "avx512":
+        pytest.skip("no AVX-512 path in this build")
+    pools, lengths = ops.cache_pools(filled_cache(MIXES["all four, long"], seed=5), 0)
+    g = torch.Generator().manual_seed(query_bits)
+    for gqa, t in [(3, 1), (1, 1), (2, 1), (4, 1), (3, 5)]:
+        q = torch.randn(1, 3 * gqa, t, D, generator=g) * 2
+        kc, vc = torch.randn(1, 3, t, D, generator=g), torch.randn(1, 3, t, D, generator=g)
+        outs = []
+        for isa in ("avx2", "avx512"):
+            with ops.kernel_isa(isa):
+                outs.append(ops.packed_attention(q, kc, vc, pools, lengths, D**-0.5, query_bits=query_bits))
+        assert all(torch.equal(a, b) for a, b in zip(*outs)), (gqa, t)
+
+
 def test_packed_attention_threads_do_not_change_the_result():
     cache = filled_cache(MIXES["all four, long"], seed=5)
     pools, lengths = ops.cache_pools(cache, 0)
@@ -188,6 +208,35 @@ def test_packed_attention_threads_do_not_change_the_result():
 
 
 # ---- fake kernels, export ---------------------------------------------------------------------
+# ---- logit_stats: entropy and max probability of softmax(logits) -------------------------------
+def logit_rows(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, generator=g) * 3
+    z[..., 0] += 25.0  # one confident row entry: p_max near 1, entropy near 0
+    if shape[-1] > 3:
+        z[..., 1:3] = -1e4  # exponents far below fp32's range (no 0 * -inf in the sums)
+    return z
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(1, 49152), (5, 1000), (2, 3, 17), (3, 1), (4, 16)])
+def test_logit_stats_matches_reference(isa, shape):
+    for z in (logit_rows(shape, 0), torch.randn(*shape) * 0.1, logit_rows(shape, 1) * 0.2):
+        with isa_ctx(isa):
+            h, c = torch.ops.kvq.logit_stats(z)
+        rh, rc = ops.reference_logit_stats(z)
+        assert h.shape == rh.shape == tuple(shape[:-1]) and c.shape == rc.shape
+        assert (h - rh).abs().max().item() <= 2e-5 * max(1.0, rh.abs().max().item()), (h - rh).abs().max()
+        assert (c - rc).abs().max().item() <= 1e-5
+
+
+def test_logit_stats_rejects_bad_logits():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.kvq.logit_stats(torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="vocabulary"):
+        torch.ops.kvq.logit_stats(torch.zeros(2, 0))
+
+
 def test_fake_kernels_give_output_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -216,7 +265,8 @@ class TinyAttention(torch.nn.Module):
     def forward(self, q, k, v):
         out, sp = ops.packed_attention(q, k, v, {n: getattr(self, n) for n in self.names}, self.lengths, D**-0.5)
         codes, scale, zero = ops.pack_rows(k, 4)
-        return out, sp, codes, scale, zero
+        entropy, confidence = torch.ops.kvq.logit_stats(out * 4.0)  # rows of 64 "logits"
+        return out, sp, codes, scale, zero, entropy, confidence
 
 
 def chunk(t: int, seed: int = 0):
@@ -233,6 +283,7 @@ def test_export_keeps_each_op_one_node(dynamic):
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.kvq.packed_attention.default) == 1
     assert targets.count(torch.ops.kvq.pack_rows.default) == 1
+    assert targets.count(torch.ops.kvq.logit_stats.default) == 1
     for t in ([5, 1, 12] if dynamic else [5]):
         for got, want in zip(ep.module()(*chunk(t, t)), m(*chunk(t, t))):
             assert torch.equal(got, want)
@@ -272,7 +323,7 @@ def test_executorch_pack_rows_is_bit_exact_on_an_order_sensitive_group(pte):
     method = Runtime.get().load_program(str(path)).load_method("forward")
     q, k, v = chunk(3, 7)
     k[0, 1, 2] = ORDER_SENSITIVE_GROUP
-    got, eager = method.execute([q, k, v])[2:], m(q, k, v)[2:]  # codes, scale, zero of pack_rows(k, 4)
+    got, eager = method.execute([q, k, v])[2:5], m(q, k, v)[2:5]  # codes, scale, zero of pack_rows(k, 4)
     for g, e, want in zip(got, eager, quantize_rows(k, RowFormat(4, D))):
         assert torch.equal(g, want) and torch.equal(e, want)
 

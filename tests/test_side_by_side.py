@@ -91,7 +91,7 @@ def test_a_tiny_run_writes_json_plot_and_report(tiny_bundle, tmp_path):
     assert out["config"]["depths"] == [16, 40] and out["hardware"]["cores"]
     assert (tmp_path / "s.png").stat().st_size > 1000
     text = md.read_text()
-    assert "| kvexport | rule@4 | fp32 |" in text and "## Bars" in text
+    assert "| kvexport | rule@4 q8 | fp32 |" in text and "## Bars" in text
     assert "not measured in this run" in text  # no fp16 / static-4 bundles given
     assert all(len(r["decode_ms_reps"]) == 2 for r in out["results"])
     assert not (tmp_path / "s.partial.json").exists()  # a finished run leaves no partial file
@@ -100,7 +100,7 @@ def test_a_tiny_run_writes_json_plot_and_report(tiny_bundle, tmp_path):
     md.unlink()
     res = CliRunner().invoke(side.main, ["--from-json", str(tmp_path / "s.json"), "--results-dir", str(tmp_path), "--markdown", str(md)])
     assert res.exit_code == 0, res.output
-    assert "| kvexport | rule@4 | fp32 |" in md.read_text()
+    assert "| kvexport | rule@4 q8 | fp32 |" in md.read_text()
     assert json.loads((tmp_path / "s.json").read_text())["results"] == out["results"]
 
 

@@ -31,13 +31,17 @@ def controller(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def learned_bundle(tiny_checkpoint, controller, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundles") / "tiny-learned"
+def export_learned(tiny_checkpoint, controller, out, query_bits: str):
     res = invoke("export", "--model", str(tiny_checkpoint), "--policy", "learned", "--controller", str(controller),
-                 "--max-seq-len", "96", "--chunk-size", "8", "--out", str(out), "--json")
+                 "--max-seq-len", "96", "--chunk-size", "8", "--query-bits", query_bits, "--out", str(out), "--json")
     assert res.exit_code == 0, res.output
     return out
+
+
+@pytest.fixture(scope="module")
+def learned_bundle(tiny_checkpoint, controller, tmp_path_factory):
+    # fp32 query: the backends agree to the last cache byte (the checks below are exact)
+    return export_learned(tiny_checkpoint, controller, tmp_path_factory.mktemp("bundles") / "tiny-learned", "32")
 
 
 def resign(folder) -> None:
@@ -58,6 +62,18 @@ def test_validate_passes_with_every_backend_in_agreement(learned_bundle):
         assert r["max_abs_logit_diff"] <= 1e-2 and r["cache_bytes_equal"] >= 0.999 and r["first_divergence"] is None, name
     table = invoke("validate", str(learned_bundle), "--steps", "2")
     assert table.exit_code == 0 and "onnxruntime" in table.output and "executorch" in table.output
+
+
+def test_validate_int8_query_bundle_within_tolerances(tiny_checkpoint, controller, tmp_path):
+    """The int8 query (export's default) rounds q: a last-bit difference upstream (XNNPACK vs torch
+    matmuls) can move a q8 value by one and then a cache code, so rare byte differences are expected;
+    validate's tolerances hold."""
+    bundle = export_learned(tiny_checkpoint, controller, tmp_path / "tiny-learned-q8", "8")
+    res = invoke("validate", str(bundle), "--steps", "6", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json_of(res)
+    for name, r in rep["backends"].items():
+        assert r["ok"] and r["top1_agreement"] == 1.0 and r["bits_agreement"] >= 0.995 and r["cache_bytes_equal"] >= 0.999, name
 
 
 def test_validate_names_the_first_diverging_step_of_an_altered_weight(learned_bundle, tmp_path):

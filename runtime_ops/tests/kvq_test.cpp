@@ -236,8 +236,9 @@ void run_case(const Case& c, std::mt19937& rng) {
         ref_p2[o] = l2;
       }
 
-  std::vector<kvq::Isa> isas{kvq::Isa::kScalar};
-  if (kvq::best_isa() != kvq::Isa::kScalar) isas.push_back(kvq::best_isa());
+  std::vector<kvq::Isa> isas;
+  for (kvq::Isa isa : {kvq::Isa::kScalar, kvq::Isa::kAvx2, kvq::Isa::kNeon, kvq::Isa::kAvx512})
+    if (kvq::isa_compiled(isa)) isas.push_back(isa);
   for (kvq::Isa isa : isas)
     for (int threads : {1, 3}) {
       std::vector<float> out(q.size(), std::nanf("")), p2(ref_p2.size(), std::nanf(""));
@@ -320,6 +321,41 @@ void test_rejections() {
   expect(!kvq::check_attention_args(a).ok(), "empty chunk rejected");
 }
 
+// logit_stats vs a double-precision softmax, every compiled path, vocabularies off the SIMD width.
+void test_logit_stats() {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (int vocab : {1, 7, 16, 1000, 49152}) {
+    const int rows = 3;
+    std::vector<float> z(size_t(rows * vocab));
+    for (auto& x : z) x = nd(rng);
+    z[0] += 25.0f;                       // a confident row
+    if (vocab > 3) z[size_t(vocab) + 1] = -1e4f;  // an exponent below fp32's range
+    for (kvq::Isa isa : {kvq::Isa::kScalar, kvq::Isa::kAvx2, kvq::Isa::kNeon, kvq::Isa::kAvx512}) {
+      if (!kvq::isa_compiled(isa)) continue;
+      std::vector<float> h(rows, std::nanf("")), c(rows, std::nanf(""));
+      kvq::logit_stats(z.data(), rows, vocab, h.data(), c.data(), isa, ThreadFor{2});
+      double err_h = 0, err_c = 0;
+      for (int r = 0; r < rows; ++r) {
+        const float* x = &z[size_t(r * vocab)];
+        const double m = *std::max_element(x, x + vocab);
+        double s = 0, t = 0;
+        for (int i = 0; i < vocab; ++i) s += std::exp(double(x[i]) - m);
+        for (int i = 0; i < vocab; ++i) {
+          const double p = std::exp(double(x[i]) - m) / s;
+          if (p > 0) t -= p * std::log(p);
+        }
+        err_h = std::max(err_h, std::fabs(h[size_t(r)] - t) / std::max(1.0, t));
+        err_c = std::max(err_c, std::fabs(c[size_t(r)] - 1.0 / s));
+      }
+      char what[160];
+      std::snprintf(what, sizeof what, "logit_stats %s vocab=%d: err entropy (relative) %.2e, confidence %.2e", kvq::isa_name(isa), vocab, err_h, err_c);
+      expect(err_h <= 2e-5 && err_c <= 1e-5, what);
+    }
+  }
+  expect(!kvq::check_logit_args(2, 0).ok(), "empty vocabulary rejected");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -328,6 +364,7 @@ int main(int argc, char** argv) {
   test_half();
   test_pack();
   test_rejections();
+  test_logit_stats();
   test_attention_grid(quick);
   std::printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail ? 1 : 0;
