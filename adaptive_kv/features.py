@@ -47,7 +47,7 @@ def next_token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The kvq op (:mod:`adaptive_kv.ops`): its compiled kernel once the library is loaded, else the
     log_softmax reference; the exported graph calls the same op, so eager and .pte agree."""
-    return torch.ops.kvq.logit_stats(logits.float().contiguous())
+    return torch.ops.kvq.logit_stats(logits.float())
 
 
 def attention_variance(sum_p2: torch.Tensor, n_keys: torch.Tensor) -> torch.Tensor:

@@ -1261,16 +1261,22 @@ inline Plan make_plan(const AttentionArgs& a) {
 // Partial state layout in the scratch buffer, per item: kTileRows x (m, l, l2, acc[D]).
 inline int64_t state_floats(int64_t D) { return kTileRows * (3 + D); }
 
-// Largest magnitude of n values with 16 independent chains: one chain would be a latency-bound
-// loop, paid for every row of every work item (exact in any order).
-inline float amax16(const float* x, int64_t n) {
-  float acc[16] = {};
+// Largest key(x[i]) of n values (init if n == 0) with 16 independent chains: one chain would be a
+// latency-bound loop, paid for every row of every work item or vocabulary (exact in any order;
+// the compiler vectorizes the chains).
+template <class Key>
+inline float max16(const float* x, int64_t n, float init, Key key) {
+  float acc[16];
+  std::fill(acc, acc + 16, init);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; ++k) acc[k] = std::max(acc[k], std::fabs(x[i + k]));
-  for (; i < n; ++i) acc[0] = std::max(acc[0], std::fabs(x[i]));
+    for (int k = 0; k < 16; ++k) acc[k] = std::max(acc[k], key(x[i + k]));
+  for (; i < n; ++i) acc[0] = std::max(acc[0], key(x[i]));
   for (int k = 1; k < 16; ++k) acc[0] = std::max(acc[0], acc[k]);
   return acc[0];
+}
+inline float amax16(const float* x, int64_t n) {
+  return max16(x, n, 0.0f, [](float v) { return std::fabs(v); });
 }
 
 // An int8 query row (query_bits 8), in place: qs becomes q_hat = q8 * s. The same fp32 steps as
@@ -1503,18 +1509,6 @@ inline void logit_sums(const float* z, int64_t n, float m, float& s, float& t) {
   }
 }
 
-// Largest of n >= 1 values, 16 independent chains (exact in any order; the compiler vectorizes them).
-inline float max16(const float* x, int64_t n) {
-  float acc[16];
-  std::fill(acc, acc + 16, x[0]);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int k = 0; k < 16; ++k) acc[k] = std::max(acc[k], x[i + k]);
-  for (; i < n; ++i) acc[0] = std::max(acc[0], x[i]);
-  for (int k = 1; k < 16; ++k) acc[0] = std::max(acc[0], acc[k]);
-  return acc[0];
-}
-
 // The same sums in 16 chains, as the SIMD paths keep them (one chain loses ~1e-5 over 49152 terms).
 inline void logit_sums_scalar(const float* z, int64_t n, float m, float& s, float& t) {
   float sc[16] = {}, tc[16] = {};
@@ -1537,7 +1531,7 @@ void logit_stats(const float* z, int64_t rows, int64_t vocab, float* entropy, fl
   par_for(rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* x = z + r * vocab;
-      float m = detail::max16(x, vocab);
+      const float m = detail::max16(x, vocab, detail::kNegInf, [](float v) { return v; });
       float s = 0.0f, t = 0.0f;
       switch (isa) {
 #if defined(KVQ_HAVE_AVX2)

@@ -207,7 +207,6 @@ def test_packed_attention_threads_do_not_change_the_result():
     assert all(torch.equal(a, b) for a, b in zip(one, two))  # the work split ignores the thread count
 
 
-# ---- fake kernels, export ---------------------------------------------------------------------
 # ---- logit_stats: entropy and max probability of softmax(logits) -------------------------------
 def logit_rows(shape, seed):
     g = torch.Generator().manual_seed(seed)
@@ -237,6 +236,7 @@ def test_logit_stats_rejects_bad_logits():
         torch.ops.kvq.logit_stats(torch.zeros(2, 0))
 
 
+# ---- fake kernels, export ---------------------------------------------------------------------
 def test_fake_kernels_give_output_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
