@@ -25,7 +25,7 @@ from .cache import PackedKVCache
 from .features import attention_variance
 from .formats import quantize_query
 from .hadamard import rotate
-from .model import head_dim_of
+from .model import head_dim_of, mean_row, rms_norm
 
 
 class ModelConfigError(ValueError):
@@ -70,6 +70,7 @@ class PackedLlama(nn.Module):
         self.max_positions = cfg.max_position_embeddings
         self.scale = self.head_dim**-0.5
         self.block_size = block_size
+        self.register_buffer("mean_row", mean_row(cfg.hidden_size), persistent=False)  # [1, hidden]: rms_norm's mean
 
     @torch.no_grad()
     def forward(
@@ -100,7 +101,7 @@ class PackedLlama(nn.Module):
             pool_names = [n if n in buffers else None for n in POOL_ARGS]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = rms_norm(h, layer.input_layernorm, self.mean_row)
             q = attn.q_proj(x).view(b, t, hq, d).transpose(1, 2)  # [B, Hq, T, D]
             k = attn.k_proj(x).view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
             v = attn.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
@@ -133,9 +134,9 @@ class PackedLlama(nn.Module):
                 n_keys = start + torch.arange(1, t + 1)
                 attn_var = torch.stack([attention_variance(sp, n_keys) for sp in sum_p2])
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, hq * d))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(rms_norm(h, layer.post_attention_layernorm, self.mean_row))
         out_logits = None
         if logits != "none":
-            hs = m.norm(h if logits == "all" else h[:, -1:])
+            hs = rms_norm(h if logits == "all" else h[:, -1:], m.norm, self.mean_row)
             out_logits = self.model.lm_head(hs).float()
         return ChunkOutput(out_logits, torch.stack(ks), torch.stack(vs), attn_var)

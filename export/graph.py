@@ -14,7 +14,11 @@ ExecuTorch program keeps them between calls:
   count belongs to: a new sequence bumps ``sequence`` [1] instead of clearing the vocab-sized
   counts on every call), ``rarity_seen`` / ``rarity_distinct`` int64 [1].
 
-Attention is ``kvq::packed_attention`` over one layer's pools plus the chunk (one node per layer);
+The layers run the model's own linears on [T, C] rows; the norms (``model.rms_norm``) and RoPE
+are written as ops XNNPACK takes, so each layer lowers to one delegate between two attention
+calls (HF's mean.dim, rotate_half slices and symbolic-size views split it into five or six, and
+every delegate costs export time). Attention is ``kvq::packed_attention`` over one layer's pools
+plus the chunk (one node per layer);
 packing is ``kvq::pack_rows`` (K and V per packed width, under nested conds: a width no token
 of the chunk goes to is not packed). Writes are ``index_put_`` on the slot dimension, the form
 ExecuTorch's reinplace pass turns into an in-place copy of just those rows.
@@ -33,12 +37,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from adaptive_kv.cache import CacheConfig, CacheLayout, ContextOverflowError, PackedKVCache
 from adaptive_kv.formats import BIT_WIDTHS
 from adaptive_kv.hadamard import hadamard_matrix
-from adaptive_kv.model import head_dim_of
+from adaptive_kv.model import head_dim_of, mean_row, rms_norm
 from adaptive_kv.ops import POOL_ARGS  # importing ops also registers torch.ops.kvq
 
 from .graph_policy import branch, graph_policy
@@ -151,6 +154,12 @@ class ExportableDecoder(nn.Module):
         self.register_buffer("pool_onehot", torch.nn.functional.one_hot(self.pool_lengths_index, len(BIT_WIDTHS)), persistent=False)  # [P, 4]
         cost = [self.cache_config.row_format(b).bits_per_value for b in self.pool_bits]
         self.register_buffer("pool_cost", torch.tensor(cost, dtype=torch.float64), persistent=False)  # [P] bits/value
+        self.register_buffer("mean_row", mean_row(cfg.hidden_size), persistent=False)  # [1, C]: rms_norm's mean
+        half = torch.arange(self.head_dim // 2)
+        turn = torch.zeros(self.head_dim, self.head_dim)  # [D, D]: rotate_half(x) = x @ turn.T
+        turn[half, half + self.head_dim // 2] = -1.0
+        turn[half + self.head_dim // 2, half] = 1.0
+        self.register_buffer("rotate_half", turn, persistent=False)
 
     # ---- host-side helpers (eager) ------------------------------------------------------------
     @torch.no_grad()
@@ -201,10 +210,16 @@ class ExportableDecoder(nn.Module):
         takes the layer index, so the program reads them in place instead of copying a slice."""
         return [self._buffers.get(n) for n in POOL_ARGS]
 
+    @staticmethod
+    def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] (contiguous) @ w.T as a linear on 2-d rows [T*H, D]: one XNNPACK
+        fully-connected op with a constant weight (a matmul lowers to expand + batched matmul),
+        and 2-d keeps export's decompositions off the reshape arithmetic of a symbolic T."""
+        return torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), w).view(-1, x.shape[1], x.shape[2])
+
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ H as a linear (H is symmetric): one XNNPACK fully-connected op with a constant
-        weight, where a matmul lowers to expand + batched matmul."""
-        return torch.nn.functional.linear(x, self.rotation) if self.hadamard else x
+        """x [T, H, D] @ H (H is symmetric)."""
+        return self._per_head(x, self.rotation) if self.hadamard else x
 
     def _rarity(self, ids: torch.Tensor, now: dict[str, torch.Tensor]) -> torch.Tensor:
         """RarityTracker.observe: ids [T] -> rarity [T], then counts them (buffer updates).
@@ -331,12 +346,21 @@ class ExportableDecoder(nn.Module):
         now["sequence"] = self.sequence + fresh.long()
         return now
 
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """apply_rotary_pos_emb on x [T, H, D] (cos, sin: [T, 1, D]), rotate_half as a linear with a
+        signed permutation (exact: one +-1 term per output), not slices and a cat."""
+        return x * cos + self._per_head(x, self.rotate_half) * sin
+
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """ids: [1, T] int64, input_pos: [1] int64 -> logits [1, T, V] float32.
 
         The caller keeps seq_len + T <= max_seq_len (see :meth:`check_room`) and passes
         input_pos = seq_len (or 0: new sequence): the graph cannot raise on data, and a call past
-        the end fails (token_bits index out of range) with the cache state undefined."""
+        the end fails (token_bits index out of range) with the cache state undefined.
+
+        The layers are the model's own modules (linears, quantized or not) on [T, C] rows, with
+        the norms and RoPE written as ops XNNPACK runs (model.rms_norm, _rope): one delegate per
+        layer between two packed_attention calls, and reshapes that leave T as -1."""
         t = ids.shape[1]
         now = self._bookkeeping(input_pos)
         torch._check(t <= self.chunk_size, lambda: f"a step takes at most chunk_size={self.chunk_size} tokens, got {t}")
@@ -344,32 +368,34 @@ class ExportableDecoder(nn.Module):
         m = self.model.model
         start = now["seq_len"]  # [1]
         positions = start + torch.arange(t)  # [T]
-        h = m.embed_tokens(ids)  # [1, T, hidden]
+        h = m.embed_tokens(ids[0])  # [T, C]
         cos, sin = m.rotary_emb(h, positions[None])  # [1, T, D]
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
         ks, vs, sum_p2 = [], [], None
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, t, hq, d).transpose(1, 2)  # [1, Hq, T, D]
-            k = attn.k_proj(x).view(1, t, hkv, d).transpose(1, 2)  # [1, Hkv, T, D]
-            v = attn.v_proj(x).view(1, t, hkv, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            x = rms_norm(h, layer.input_layernorm, self.mean_row)
+            q = self._rope(attn.q_proj(x).view(-1, hq, d), cos, sin)  # [T, Hq, D]
+            k = self._rope(attn.k_proj(x).view(-1, hkv, d), cos, sin)  # [T, Hkv, D]
+            v = attn.v_proj(x).view(-1, hkv, d)
             # the cache holds rotated K/V: attend in that basis, rotate the output back (H = H^T = H^-1)
-            q, k, v = self._rotate(q), self._rotate(k), self._rotate(v)
-            ks.append(k[0]), vs.append(v[0])
+            q, k, v = (self._rotate(y).transpose(0, 1) for y in (q, k, v))  # [H, T, D]
+            ks.append(k), vs.append(v)
             o, sum_p2 = torch.ops.kvq.packed_attention(
-                q.contiguous(), k.contiguous(), v.contiguous(), now["lengths"], *self._pools(), self.scale, self.group_size, i, self.query_bits
+                q[None], k[None], v[None], now["lengths"], *self._pools(), self.scale, self.group_size, i, self.query_bits
             )  # o: [1, Hq, T, D], sum_p2: [1, Hq, T]
-            o = self._rotate(o)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, hq * d))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.model.lm_head(m.norm(h)).float()  # [1, T, V]
+            o = o[0].transpose(0, 1)  # [T, Hq, D], strided: rotated as 3-d rows (flat rows would need a copy)
+            o = torch.nn.functional.linear(o, self.rotation) if self.hadamard else o
+            h = h + attn.o_proj(o.reshape(-1, hq * d))
+            h = h + layer.mlp(rms_norm(h, layer.post_attention_layernorm, self.mean_row))
+        logits = self.model.lm_head(rms_norm(h, m.norm, self.mean_row))  # [T, V]
+        logits = logits if logits.dtype == torch.float32 else logits.float()
 
         # ---- features, as Session.features computes them (sum_p2 is the final layer's)
         feats = {"rarity": self._rarity(ids[0], now), "position": positions.float()}
         needs = set(self.policy.needs)
         if needs & {"entropy", "confidence"}:
-            feats["entropy"], feats["confidence"] = torch.ops.kvq.logit_stats(logits[0].contiguous())  # [T] each
+            feats["entropy"], feats["confidence"] = torch.ops.kvq.logit_stats(logits)  # [T] each
         if "attn_var" in needs:
             n = (start + torch.arange(1, t + 1)).float()  # [T] keys each query sees
             feats["attn_var"] = (sum_p2[0] / n - 1.0 / (n * n)).mean(0)  # features.attention_variance
@@ -377,4 +403,4 @@ class ExportableDecoder(nn.Module):
 
         # ---- commit
         self._commit(torch.stack(ks), torch.stack(vs), want, now)  # stacks: [layers, Hkv, T, D]
-        return logits
+        return logits[None]  # [1, T, V]

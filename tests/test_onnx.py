@@ -160,6 +160,9 @@ def test_onnx_step_matches_eager_including_the_cache(exported):
     ops.load_library()
     runner = OnnxDecoder(path)
     assert (runner.chunk_size, runner.max_seq_len, runner.eos_ids) == (CHUNK, MAX_SEQ, (2,))
+    # an int8 query row rounds its codes: a last-bit difference upstream (onnxruntime sums in
+    # another order) can move one code by one, a step far larger than fp32 rounding: the .pte bar
+    tol = 1e-2 if decoder.query_bits == 8 else 1e-3
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1))
     decoder.reset()
     start = 0
@@ -168,19 +171,19 @@ def test_onnx_step_matches_eager_including_the_cache(exported):
         start += n
         want_logits, want_bits = decoder.step(chunk)
         logits, bits = runner.step(chunk)
-        assert (logits - want_logits).abs().max().item() <= 1e-3
+        assert (logits - want_logits).abs().max().item() <= tol
         assert torch.equal(bits, want_bits)
         state = runner.state()
         for name in decoder.state_names():
             want = getattr(decoder, name)
-            if want.dim() == 4:  # pools
-                assert (state[name] != want).float().mean().item() <= 2e-3, name
+            if want.dim() == 4:  # pools: at most two rows off a rounding boundary
+                assert int((state[name] != want).any(-1).sum()) <= 2, name
             else:
                 assert torch.equal(state[name], want), name
     # input_pos 0 restarts: the same first chunk gives the same logits as the first time
     decoder.reset()
     runner.seq_len = 0  # keep the old state: the graph must zero it itself
-    assert (runner.step(ids[:8])[0] - decoder.step(ids[:8])[0]).abs().max().item() <= 1e-3
+    assert (runner.step(ids[:8])[0] - decoder.step(ids[:8])[0]).abs().max().item() <= tol
 
 
 def test_context_overflow_and_chunk_size_are_checked(exported):
