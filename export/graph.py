@@ -356,11 +356,8 @@ class ExportableDecoder(nn.Module):
 
         The caller keeps seq_len + T <= max_seq_len (see :meth:`check_room`) and passes
         input_pos = seq_len (or 0: new sequence): the graph cannot raise on data, and a call past
-        the end fails (token_bits index out of range) with the cache state undefined.
-
-        The layers are the model's own modules (linears, quantized or not) on [T, C] rows, with
-        the norms and RoPE written as ops XNNPACK runs (model.rms_norm, _rope): one delegate per
-        layer between two packed_attention calls, and reshapes that leave T as -1."""
+        the end fails (token_bits index out of range) with the cache state undefined. How the
+        layers are written (one XNNPACK delegate each): the module docstring."""
         t = ids.shape[1]
         now = self._bookkeeping(input_pos)
         torch._check(t <= self.chunk_size, lambda: f"a step takes at most chunk_size={self.chunk_size} tokens, got {t}")
