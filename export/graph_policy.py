@@ -34,9 +34,8 @@ def branch(pred: torch.Tensor, true_fn, false_fn, operands: tuple):
     eager (torch.cond there would compile both branches with dynamo on every call).
 
     ExecuTorch 1.5 plans sibling conds' branches over the same memory and hands a branch's outputs
-    over without a copy: a cond's outputs must be read before the next sibling cond runs (the
-    pack conds depend on the price, so the price is read first), or the conds nested (see
-    ExportableDecoder._pack). A dynamic dim of an operand is assumed >= 2 (pass rows flattened)."""
+    over without a copy: a cond's outputs must be read before a sibling cond runs. A dynamic dim
+    of an operand is assumed >= 2 (pass rows flattened)."""
     if torch.compiler.is_exporting():
         return torch.cond(pred, true_fn, false_fn, operands)
     return true_fn(*operands) if bool(pred) else false_fn(*operands)

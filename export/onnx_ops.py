@@ -55,8 +55,9 @@ def _fold_sum(e, n: int):
     return op.Squeeze(e, _i64(-1))
 
 
-def kvq_pack_rows(x, bits: int, group_size: int = 64):
-    """x: float32 [..., D] -> (codes uint8 [..., D*bits/8], scale fp16 [..., D/G], zero fp16 [..., D/G])."""
+def kvq_pack_rows(x, bits: int, group_size: int = 64, active=None):
+    """x: float32 [..., D] -> (codes uint8 [..., D*bits/8], scale fp16 [..., D/G], zero fp16 [..., D/G]);
+    zeros where ``active`` (one-element bool) is false."""
     d = x.shape[-1]
     if not isinstance(d, int):
         raise ValueError("kvq::pack_rows in ONNX needs a static head_dim")
@@ -90,11 +91,12 @@ def kvq_pack_rows(x, bits: int, group_size: int = 64):
         codes = op.ReduceSum(op.Mul(lanes, weights), _i64(2), keepdims=0)  # [N, G, gs/k]
     out_shape = op.Concat(lead, _i64(d * bits // 8), axis=0)
     aff_shape = op.Concat(lead, _i64(groups), axis=0)
-    return (
-        op.Reshape(op.Cast(codes, to=UINT8.dtype), out_shape),
-        op.Reshape(scale, aff_shape),
-        op.Reshape(zero, aff_shape),
-    )
+    outs = (op.Reshape(op.Cast(codes, to=UINT8.dtype), out_shape), op.Reshape(scale, aff_shape), op.Reshape(zero, aff_shape))
+    if active is None:
+        return outs
+    # computed either way (a Where, not an If): the graph never stores the rows of an inactive width
+    on = op.Reshape(active, _i64())  # scalar
+    return tuple(op.Where(on, t, _const(np.zeros((), dtype=dt))) for t, dt in zip(outs, (np.uint8, np.float16, np.float16)))
 
 
 def _filled(pool, n, layer: int):

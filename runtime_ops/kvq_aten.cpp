@@ -27,6 +27,7 @@ kvq::DType dtype_of(const at::Tensor& t) {
     case at::kHalf: return kvq::DType::kHalf;
     case at::kByte: return kvq::DType::kByte;
     case at::kLong: return kvq::DType::kLong;
+    case at::kBool: return kvq::DType::kBool;
     default: return kvq::DType::kOther;
   }
 }
@@ -50,7 +51,8 @@ kvq::TensorDesc describe(const std::optional<at::Tensor>& t) { return t.has_valu
 void check(const kvq::Error& e) { TORCH_CHECK(e.ok(), "kvq: ", e.msg); }
 
 // ---- pack_rows --------------------------------------------------------------------------------
-std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> pack_rows_out(const at::Tensor& x, int64_t bits, int64_t group_size, at::Tensor& codes,
+std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> pack_rows_out(const at::Tensor& x, int64_t bits, int64_t group_size,
+                                                                const std::optional<at::Tensor>& active, at::Tensor& codes,
                                                                 at::Tensor& scale, at::Tensor& zero) {
   const kvq::TensorDesc xd = describe(x);
   kvq::PackArgs p;
@@ -58,12 +60,18 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> pack_rows_out(const at::Tensor
   check(kvq::expect_pack_out(describe(codes), xd, "codes", kvq::DType::kByte, int64_t(p.D) * bits / 8));
   check(kvq::expect_pack_out(describe(scale), xd, "scale", kvq::DType::kHalf, p.D / group_size));
   check(kvq::expect_pack_out(describe(zero), xd, "zero", kvq::DType::kHalf, p.D / group_size));
+  bool on = true;
+  check(kvq::read_pack_active(describe(active), on));
+  if (!on) {
+    codes.zero_(), scale.zero_(), zero.zero_();
+    return {codes, scale, zero};
+  }
   kvq::pack_rows(p.x, p.rows, p.D, p.G, p.bits, codes.data_ptr<uint8_t>(),
                  reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>()), reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>()), AtenFor{});
   return {codes, scale, zero};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_rows(const at::Tensor& x, int64_t bits, int64_t group_size) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_rows(const at::Tensor& x, int64_t bits, int64_t group_size, const std::optional<at::Tensor>& active) {
   kvq::PackArgs p;
   check(kvq::make_pack_args(describe(x), bits, group_size, p));
   auto lead = x.sizes().vec();  // [..., D] -> [..., D*bits/8] and [..., D/G]
@@ -72,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_rows(const at::Tensor& x, in
   lead.back() = p.D / group_size;
   at::Tensor scale = at::empty(lead, x.options().dtype(at::kHalf));
   at::Tensor zero = at::empty(lead, x.options().dtype(at::kHalf));
-  pack_rows_out(x, bits, group_size, codes, scale, zero);
+  pack_rows_out(x, bits, group_size, active, codes, scale, zero);
   return {codes, scale, zero};
 }
 

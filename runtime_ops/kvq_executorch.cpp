@@ -46,6 +46,7 @@ kvq::DType dtype_of(ScalarType t) {
     case ScalarType::Half: return kvq::DType::kHalf;
     case ScalarType::Byte: return kvq::DType::kByte;
     case ScalarType::Long: return kvq::DType::kLong;
+    case ScalarType::Bool: return kvq::DType::kBool;
     default: return kvq::DType::kOther;
   }
 }
@@ -75,21 +76,27 @@ bool ok_or_fail(KernelRuntimeContext& ctx, const kvq::Error& e) {
   return false;
 }
 
-// kvq::pack_rows.out(Tensor x, int bits, int group_size=64, *, Tensor(a!) codes, Tensor(b!) scale,
-//                    Tensor(c!) zero) -> (Tensor(a!), Tensor(b!), Tensor(c!))
-constexpr size_t kPackIn = 3, kPackOut = 3;
+// kvq::pack_rows.out(Tensor x, int bits, int group_size=64, Tensor? active=None, *, Tensor(a!) codes,
+//                    Tensor(b!) scale, Tensor(c!) zero) -> (Tensor(a!), Tensor(b!), Tensor(c!))
+// Programs exported before `active` existed call it without that slot; they still run (always
+// pack), told apart by the argument count and, at 7, by what the last slot holds.
+constexpr size_t kPackIn = 4, kPackOut = 3;
 
 void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   executorch::runtime::internal::EventTracerProfileOpScope prof(ctx.internal_event_tracer(), "native_call_kvq::pack_rows.out");
   // The emitter may append one list aggregating the outputs; it duplicates them and is ignored.
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() == kPackIn + kPackOut || stack.size() == kPackIn + kPackOut + 1, InvalidProgram, ,
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= kPackIn - 1 + kPackOut && stack.size() <= kPackIn + kPackOut + 1, InvalidProgram, ,
                       "kvq::pack_rows.out: %zu arguments", stack.size());
+  const bool has_active = stack.size() == kPackIn + kPackOut + 1 || (stack.size() == kPackIn + kPackOut && stack[stack.size() - 1]->isTensor());
+  const size_t o = has_active ? kPackIn : kPackIn - 1;  // codes, scale, zero
   const EValue& x = *stack[0];
-  ET_KERNEL_CHECK_MSG(ctx, x.isTensor() && stack[1]->isInt() && stack[2]->isInt(), InvalidArgument, ,
-                      "kvq::pack_rows.out: expected (Tensor, int, int)");
-  Tensor& codes = stack[3]->toTensor();
-  Tensor& scale = stack[4]->toTensor();
-  Tensor& zero = stack[5]->toTensor();
+  ET_KERNEL_CHECK_MSG(ctx, x.isTensor() && stack[1]->isInt() && stack[2]->isInt() && stack[o]->isTensor() && stack[o + 1]->isTensor() && stack[o + 2]->isTensor(),
+                      InvalidArgument, , "kvq::pack_rows.out: expected (Tensor, int, int, Tensor?, *, Tensor, Tensor, Tensor)");
+  Tensor& codes = stack[o]->toTensor();
+  Tensor& scale = stack[o + 1]->toTensor();
+  Tensor& zero = stack[o + 2]->toTensor();
+  bool active = true;
+  if (has_active && !ok_or_fail(ctx, kvq::read_pack_active(describe(*stack[3]), active))) return;
   const int64_t bits = stack[1]->toInt(), group_size = stack[2]->toInt();
   const kvq::TensorDesc xd = describe(x);
   kvq::PackArgs p;
@@ -105,6 +112,10 @@ void pack_rows_out_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   if (!ok_or_fail(ctx, kvq::expect_pack_out(describe(codes), xd, "codes", kvq::DType::kByte, int64_t(p.D) * bits / 8))) return;
   if (!ok_or_fail(ctx, kvq::expect_pack_out(describe(scale), xd, "scale", kvq::DType::kHalf, p.D / group_size))) return;
   if (!ok_or_fail(ctx, kvq::expect_pack_out(describe(zero), xd, "zero", kvq::DType::kHalf, p.D / group_size))) return;
+  if (!active) {
+    for (Tensor* t : {&codes, &scale, &zero}) std::memset(t->mutable_data_ptr(), 0, t->nbytes());
+    return;
+  }
   kvq::pack_rows(p.x, p.rows, p.D, p.G, p.bits, codes.mutable_data_ptr<uint8_t>(),
                  static_cast<uint16_t*>(scale.mutable_data_ptr()), static_cast<uint16_t*>(zero.mutable_data_ptr()), EtFor{});
 }

@@ -315,7 +315,7 @@ inline Error check_attention_args(const AttentionArgs& a) {
 // Tensor arguments as plain descriptors: both registrations describe their tensors this way and
 // share one validator, so eager and ExecuTorch reject the same inputs with the same message.
 // ---------------------------------------------------------------------------------------------
-enum class DType : int { kOther = 0, kFloat, kHalf, kByte, kLong };
+enum class DType : int { kOther = 0, kFloat, kHalf, kByte, kLong, kBool };
 
 inline const char* dtype_name(DType d) {
   switch (d) {
@@ -323,6 +323,7 @@ inline const char* dtype_name(DType d) {
     case DType::kHalf: return "float16";
     case DType::kByte: return "uint8";
     case DType::kLong: return "int64";
+    case DType::kBool: return "bool";
     default: return "another dtype";
   }
 }
@@ -377,6 +378,17 @@ inline Error make_pack_args(const TensorDesc& x, int64_t bits, int64_t group_siz
   return Error{};
 }
 
+// pack_rows' optional `active` flag: absent packs; a one-element bool tensor packs when true and
+// zero-fills the outputs when false (a width no token of the chunk goes to, without a cond).
+inline Error read_pack_active(const TensorDesc& a, bool& active) {
+  active = true;
+  if (!a.present) return Error{};
+  if (a.dtype != DType::kBool || a.numel() != 1 || !a.data)
+    return make_error("active must be a one-element bool tensor, got %s with %lld elements", dtype_name(a.dtype), (long long)a.numel());
+  active = *static_cast<const bool*>(a.data);
+  return Error{};
+}
+
 // Checks an output of a pack: same leading dims as x, last dim `last`.
 inline Error expect_pack_out(const TensorDesc& out, const TensorDesc& x, const char* name, DType dt, int64_t last) {
   int64_t want[8];
@@ -396,6 +408,7 @@ inline int64_t element_size(DType d) {
     case DType::kHalf: return 2;
     case DType::kByte: return 1;
     case DType::kLong: return 8;
+    case DType::kBool: return 1;
     default: return 0;
   }
 }

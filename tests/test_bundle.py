@@ -150,3 +150,23 @@ def test_failed_export_leaves_nothing(tmp_path):
     res = invoke("export", "--model", str(ckpt), "--policy", "static-4", "--out", str(tmp_path / "out"))
     assert res.exit_code == 2 and "llama" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+    import multiprocessing
+
+    assert not multiprocessing.active_children()  # the ONNX process started beside it was stopped
+
+
+def test_job_beside_the_export_returns_reraises_and_is_stopped_with_the_export():
+    """The ONNX export's second process: its result or its error comes back; when the export
+    fails first, the process is killed rather than waited for."""
+    import multiprocessing
+    import time
+
+    from export.pipeline import _beside
+
+    with _beside(sum, [1, 2, 3]) as job:
+        assert job.get() == 6
+    with pytest.raises(ValueError, match="invalid literal"), _beside(int, "x") as job:
+        job.get()
+    with pytest.raises(KeyboardInterrupt), _beside(time.sleep, 600):
+        raise KeyboardInterrupt  # Ctrl-C during the .pte lowering
+    assert not multiprocessing.active_children()

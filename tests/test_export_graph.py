@@ -215,20 +215,14 @@ def test_export_keeps_kvq_ops_single_nodes_and_state_mutable(tiny_model, learned
     ep = programs["forward"]
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.kvq.packed_attention.default) == dec.num_layers  # one fused node per layer
-    # the price bisection (a scan) runs under a cond, only when the floor price does not fit; K and
-    # V are packed at 2, 4 and 8 bits under nested conds, a width only when a token goes there
-    price, pack = [n for n in ep.graph.nodes if n.target is torch.ops.higher_order.cond]
+    # the price bisection (a scan) runs under a cond, only when the floor price does not fit
+    (price,) = [n for n in ep.graph.nodes if n.target is torch.ops.higher_order.cond]
     search = getattr(ep.graph_module, price.args[2].target)
     assert [n.target for n in search.graph.nodes if n.op == "call_function"].count(torch.ops.higher_order.scan) == 1
-
-    def packs(gm) -> list[int]:  # widths packed in a branch and the conds below it
-        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-        here = [n.args[1] for n in nodes if n.target == torch.ops.kvq.pack_rows.default]
-        return here + [b for n in nodes if n.target is torch.ops.higher_order.cond for b in packs(getattr(gm, n.args[1].target))]
-
-    assert torch.ops.kvq.pack_rows.default not in targets
-    assert packs(getattr(ep.graph_module, pack.args[1].target)) == [2, 2, 4, 4, 8, 8]  # every width taken
-    assert packs(getattr(ep.graph_module, pack.args[2].target)) == [4, 4, 8, 8]  # 2 bits skipped
+    # K and V are packed at 2, 4 and 8 bits, each pack flagged active only when a token goes there
+    packs = [n for n in ep.graph.nodes if n.target == torch.ops.kvq.pack_rows.default]
+    assert [n.args[1] for n in packs] == [2, 2, 4, 4, 8, 8]
+    assert all(n.args[3].meta["val"].dtype == torch.bool for n in packs)
     # pools are read in place by packed_attention (whole buffers + layer index) and written by the
     # commit's index_put_ of the chunk's rows: no op that would copy a layer's pools on every call
     pool_inputs = {i for i, buf in ep.graph_signature.inputs_to_buffers.items() if buf in dec.pool_names}

@@ -44,3 +44,27 @@ def test_hf_checkpoint_folder_loads(tiny_checkpoint):
     model, tok = load_model(tiny_checkpoint)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
     assert tok.encode("hello", add_special_tokens=False)
+
+
+def test_gguf_conversion_is_kept_and_keyed_by_the_file(tmp_path, monkeypatch, tiny_model, tokenizer):
+    """A GGUF is converted once: the next load reads the kept HF folder (not the GGUF), and a
+    changed file (size or mtime) misses it. The 'GGUF' here is garbage, so a load that parses
+    it fails: the cache hit is the only way to succeed."""
+    import os
+
+    import torch
+
+    from adaptive_kv import model as M
+
+    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not parsed when the conversion is kept")
+    M._keep_converted(tiny_model, tokenizer, M._converted_folder(gguf, torch.float32))
+    model, tok = load_model(gguf)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_model.state_dict().values()))
+    assert tok.encode("hello there") == tokenizer.encode("hello there")
+    st = gguf.stat()
+    os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ModelError, match="not a readable GGUF"):
+        load_model(gguf)
+    assert not list((tmp_path / "cache" / "gguf").glob(".*.tmp"))  # no half-written folder left

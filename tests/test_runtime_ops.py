@@ -91,6 +91,23 @@ def test_pack_rows_out_variant_writes_into_given_tensors():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_pack_rows_active_flag_packs_or_zero_fills(impl):
+    """active true packs exactly as without the flag; false zero-fills (also the .out variant's
+    given outputs) without packing."""
+    pack = ops.pack_rows if impl == "kernel" else ops.reference_pack_rows
+    x = torch.randn(2, 3, 5, D)
+    for bits in (2, 4, 8):
+        plain = pack(x, bits, 32)
+        for got, want in zip(pack(x, bits, 32, torch.tensor(True)), plain):
+            assert torch.equal(got, want)
+        for got, want in zip(pack(x, bits, 32, torch.tensor([False])), plain):
+            assert got.dtype == want.dtype and got.shape == want.shape and not got.any()
+    outs = [torch.full((2, 3, 5, 32), 7, dtype=torch.uint8), torch.ones(2, 3, 5, 2, dtype=torch.half), torch.ones(2, 3, 5, 2, dtype=torch.half)]
+    torch.ops.kvq.pack_rows.out(x, 4, 32, torch.tensor(False), codes=outs[0], scale=outs[1], zero=outs[2])
+    assert not any(t.any() for t in outs)
+
+
 # ---- packed_attention vs the reference --------------------------------------------------------
 def filled_cache(fills: dict[int, tuple[int, int]], seed: int) -> PackedKVCache:
     """A one-layer cache whose pool b holds fills[b] = (length, capacity) tokens (rotated K/V)."""
@@ -328,6 +345,27 @@ def test_executorch_pack_rows_is_bit_exact_on_an_order_sensitive_group(pte):
         assert torch.equal(g, want) and torch.equal(e, want)
 
 
+class FlaggedPack(torch.nn.Module):
+    def forward(self, x, active):
+        return ops.pack_rows(x, 2, 32, active)
+
+
+def test_executorch_pack_rows_active_flag(pte):
+    """The runtime kernel honours the flag: packs when true, zero-fills when false."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    x = torch.randn(3, 4, D)
+    ep = torch.export.export(FlaggedPack(), (x, torch.tensor(True)))
+    path = pte[1].with_name("flagged.pte")
+    path.write_bytes(to_edge_transform_and_lower(ep).to_executorch().buffer)
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    for flag in (True, False):
+        got = method.execute([x, torch.tensor(flag)])
+        for g, want in zip(got, ops.reference_pack_rows(x, 2, 32, torch.tensor(flag))):
+            assert torch.equal(g, want)
+
+
 def test_executorch_kernel_rejects_bad_lengths_without_crashing(pte):
     from executorch.runtime import Runtime
 
@@ -386,6 +424,9 @@ def test_bad_pack_arguments_raise():
         ops.pack_rows(torch.randn(2, D), 3)
     with pytest.raises(RuntimeError, match="group_size"):
         ops.pack_rows(torch.randn(2, D), 4, 48)
+    for flag in (torch.tensor([1.0]), torch.tensor([True, False])):
+        with pytest.raises(RuntimeError, match="active must be a one-element bool"):
+            ops.pack_rows(torch.randn(2, D), 4, 64, flag)
 
 
 def test_missing_library_error_names_the_fix(monkeypatch, tmp_path):
