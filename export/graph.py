@@ -263,17 +263,19 @@ class ExportableDecoder(nn.Module):
         src = torch.where(mine, torch.arange(t), torch.where(some, first, t))  # [T] t: the anchor row
         return dest, src, anchor
 
-    def _pack(self, k: torch.Tensor, v: torch.Tensor, some: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _pack(self, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor) -> list[torch.Tensor]:
         """The chunk packed at every packed width (in pool order, 6 tensors per width: k codes,
         k scale, k zero, v codes, v scale, v zero; [layers, Hkv, T, D*b/8 | D/G]). A width no
-        token of the chunk goes to (``some`` [P'] 0-d bools false) gets zeros from pack_rows'
+        token of the chunk goes to (``pool`` [T]: each token's pool) gets zeros from pack_rows'
         ``active`` flag, never written (see _targets): a decode step packs its token at one width,
         not three, and the graph has no cond (nested conds, each branch re-traced by every
         lowering pass, were an eighth of the export time)."""
         g = self.group_size
         out = []
-        for b, active in zip((b for b in self.pool_bits if b != 16), some):
-            out += [*torch.ops.kvq.pack_rows(k, b, g, active), *torch.ops.kvq.pack_rows(v, b, g, active)]
+        for p, b in enumerate(self.pool_bits):
+            if b != 16:
+                active = (pool == p).any()
+                out += [*torch.ops.kvq.pack_rows(k, b, g, active), *torch.ops.kvq.pack_rows(v, b, g, active)]
         return out
 
     def _write(self, name: str, rows: torch.Tensor, dest: torch.Tensor, src: torch.Tensor, anchor: torch.Tensor) -> None:
@@ -290,7 +292,7 @@ class ExportableDecoder(nn.Module):
         t = k.shape[2]
         fill = now["lengths"].index_select(0, self.pool_lengths_index)  # [P]
         pool, slot = place(want, fill, self.pool_caps, self.fallback_ranks)  # [T], [T]
-        packed = iter(self._pack(k, v, [(pool == p).any() for p, b in enumerate(self.pool_bits) if b != 16]))
+        packed = iter(self._pack(k, v, pool))
         for p, b in enumerate(self.pool_bits):
             targets = self._targets(p, pool, slot, fill[p])
             if b == 16:

@@ -350,14 +350,15 @@ class FlaggedPack(torch.nn.Module):
         return ops.pack_rows(x, 2, 32, active)
 
 
-def test_executorch_pack_rows_active_flag(pte):
+def test_executorch_pack_rows_active_flag(tmp_path):
     """The runtime kernel honours the flag: packs when true, zero-fills when false."""
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
+    ops.load_executorch_library()
     x = torch.randn(3, 4, D)
     ep = torch.export.export(FlaggedPack(), (x, torch.tensor(True)))
-    path = pte[1].with_name("flagged.pte")
+    path = tmp_path / "flagged.pte"
     path.write_bytes(to_edge_transform_and_lower(ep).to_executorch().buffer)
     method = Runtime.get().load_program(str(path)).load_method("forward")
     for flag in (True, False):
