@@ -8,7 +8,7 @@ WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup system-packages test test-fast demo bench bench-kernels bench-side-by-side bench-pte clean android-host-test
+.PHONY: setup system-packages test test-fast demo bench bench-kernels bench-export bench-side-by-side bench-pte clean android-host-test
 
 KVQ_LIB := runtime_ops/build/libkvq_aten.so
 KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp runtime_ops/runner/*.h runtime_ops/runner/*.cpp \
@@ -68,8 +68,12 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 	$(VENV)/bin/kvexport run $(DEMO_BUNDLE) --prompt "Give me three tips for staying healthy." --max-new-tokens 64
 
 # Everything below writes JSON + PNG to bench/results/. `make bench` = the kernel microbenchmarks,
-# then the side-by-side run of every KV policy against the peers.
-bench: bench-kernels bench-side-by-side
+# the export lowering time, then the side-by-side run of every KV policy against the peers.
+bench: bench-kernels bench-export bench-side-by-side
+
+# Export lowering time (~5 min): kvexport's lowering vs the stock settings, two exports side by side.
+bench-export: setup
+	$(PY) bench/bench_export.py
 
 # Host microbenchmarks (minutes): the attention kernel vs fp32 SDPA, eager decode fused vs reference.
 bench-kernels: setup

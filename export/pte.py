@@ -63,6 +63,7 @@ class PteConfig:
     hadamard: bool = True
     query_bits: int = 32  # 8: attention scores the packed keys with int8 query rows (kvq_kernels.h)
     state_method: bool = False  # also export `state` (copies of the whole cache: tests, debugging)
+    check_ir: bool = False  # run EXIR's edge-dialect validator while lowering (tests; see lower)
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
@@ -176,16 +177,34 @@ def export_programs(decoder: ExportableDecoder, state_method: bool = False) -> d
     return programs
 
 
-def lower(programs: dict[str, torch.export.ExportedProgram], constants: dict, seconds: dict[str, float] | None = None):
-    """-> ExecutorchProgramManager: XNNPACK for what it runs, portable + kvq kernels for the rest."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+def lower(
+    programs: dict[str, torch.export.ExportedProgram],
+    constants: dict,
+    seconds: dict[str, float] | None = None,
+    check_ir: bool = False,
+    partitioner=None,
+):
+    """-> ExecutorchProgramManager: XNNPACK for what it runs, portable + kvq kernels for the rest.
+
+    ``check_ir``: run EXIR's edge-dialect validator (every op's dtypes against its kernel
+    schema). It changes nothing in the program and takes ~14% of to_edge_transform_and_lower, so
+    user exports skip it, as ExecuTorch's own LLM export does; the tests turn it on.
+    ``partitioner``: default :class:`~export.partition.XnnpackLinearPartitioner` (tests and
+    bench/bench_export.py pass XNNPACK's own to compare)."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    from .partition import XnnpackLinearPartitioner
+
     seconds = {} if seconds is None else seconds
     with _stage("to_edge_transform_and_lower", seconds):
-        edge = to_edge_transform_and_lower(programs, partitioner={"forward": [XnnpackPartitioner()]}, constant_methods=constants)
+        edge = to_edge_transform_and_lower(
+            programs,
+            partitioner={"forward": [partitioner or XnnpackLinearPartitioner()]},
+            constant_methods=constants,
+            compile_config=EdgeCompileConfig(_check_ir_validity=check_ir),
+        )
     with _stage("to_executorch", seconds):
         return edge.to_executorch(
             ExecutorchBackendConfig(
@@ -220,14 +239,14 @@ def export_pte(
     """Export ``model`` (an HF LlamaForCausalLM) with ``policy``'s packed cache to ``out_path``.
 
     ``options``: the other :class:`PteConfig` fields (chunk_size, weight_group_size, kv_group_size,
-    hadamard, state_method). Returns the path, size and per-stage seconds."""
+    hadamard, query_bits, state_method, check_ir). Returns the path, size and per-stage seconds."""
     config = PteConfig(max_seq_len=max_seq_len, weights=weights, **options)
     seconds: dict[str, float] = {}
     with _stage("build", seconds):
         decoder = build_decoder(model, policy, config)
     with _stage("torch.export", seconds):
         programs = export_programs(decoder, config.state_method)
-    program = lower(programs, metadata(decoder, tokenizer), seconds)
+    program = lower(programs, metadata(decoder, tokenizer), seconds, config.check_ir)
     out = Path(out_path)
     with _stage("write", seconds):
         data = program.buffer

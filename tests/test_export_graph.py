@@ -242,11 +242,30 @@ def test_export_keeps_kvq_ops_single_nodes_and_state_mutable(tiny_model, learned
 
 
 # ---- the .pte -------------------------------------------------------------------------------
+class _LinearOf(torch.nn.Module):
+    def forward(self, x, w):  # a weight that is an input: XNNPACK's filter leaves it to the portable kernels
+        return torch.nn.functional.linear(x, w)
+
+
+def test_partitioner_drops_xnnpacks_filter_only_when_it_accepts_every_linear(tiny_model):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    from export.partition import XnnpackLinearPartitioner
+
+    ep = torch.export.export(_LinearOf(), (torch.randn(3, 8), torch.randn(4, 8))).run_decompositions({})
+    ops_kept, keep = XnnpackLinearPartitioner().ops_to_not_decompose(ep)
+    assert keep is not None and not keep(next(n for n in ep.graph.nodes if n.target == torch.ops.aten.linear.default))
+    assert ops_kept == XnnpackPartitioner().ops_to_not_decompose(ep)[0]
+    dec = build_decoder(tiny_model, StaticPolicy(4), PteConfig(max_seq_len=32, chunk_size=4))
+    ep = export_programs(dec)["forward"].run_decompositions({})
+    assert XnnpackLinearPartitioner().ops_to_not_decompose(ep)[1] is None
+
+
 @pytest.fixture(scope="module")
 def learned_pte(learned_programs, tmp_path_factory):
     dec, policy, programs = learned_programs
     path = tmp_path_factory.mktemp("pte") / "tiny-learned.pte"
-    write_atomically(lower(programs, metadata(dec)).buffer, path)  # export_pte's last stages
+    write_atomically(lower(programs, metadata(dec), check_ir=True).buffer, path)  # export_pte's last stages, edge IR validated
     return path, policy
 
 
@@ -296,12 +315,18 @@ def test_pte_reset_metadata_and_overflow(tiny_model, learned_pte):
 
 def test_8da4w_pte_runs_the_quantized_model(tmp_path):
     """int8-dynamic-activation x int4-weight linears through XNNPACK: close to torchao's eager
-    8da4w (their activation rounding differs slightly), much closer than to the fp32 model."""
+    8da4w (their activation rounding differs slightly), much closer than to the fp32 model. The
+    program is byte for byte what XNNPACK's own partitioner gives (export/partition.py drops its
+    filter: one run_decompositions fewer)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
     model = tiny_llama(seed=0, num_hidden_layers=1)  # 1 layer: quicker to lower
     policy, config = StaticPolicy(4), PteConfig(max_seq_len=32, chunk_size=4, weights="8da4w")
-    report = export_pte(model, None, policy, 32, "8da4w", tmp_path / "q.pte", chunk_size=4)
+    report = export_pte(model, None, policy, 32, "8da4w", tmp_path / "q.pte", chunk_size=4, check_ir=True)
     assert report.path.stat().st_size == report.bytes and list(tmp_path.iterdir()) == [report.path]  # no temp file left
     assert set(report.seconds) == {"build", "torch.export", "to_edge_transform_and_lower", "to_executorch", "write"}
+    stock = build_decoder(model, policy, config)
+    assert lower(export_programs(stock), metadata(stock), partitioner=XnnpackPartitioner()).buffer == report.path.read_bytes()
     pte = PteDecoder(report.path)
     quantized, float_ref = build_decoder(model, policy, config), build_decoder(model, policy, PteConfig(max_seq_len=32, chunk_size=4))
     for chunk in (IDS[:4], IDS[4:5]):
@@ -314,7 +339,7 @@ def test_int8_query_pte_matches_eager(tiny_model, tmp_path):
     """query_bits=8 end to end: the .pte (ExecuTorch kernel) and the eager decoder (ATen kernel)
     give the same widths and logits, and differ from the fp32-query decoder (the setting is live)."""
     policy = learned_policy()
-    report = export_pte(tiny_model, None, policy, MAX_SEQ, "fp32", tmp_path / "q8.pte", chunk_size=CHUNK, query_bits=8)
+    report = export_pte(tiny_model, None, policy, MAX_SEQ, "fp32", tmp_path / "q8.pte", chunk_size=CHUNK, query_bits=8, check_ir=True)
     pte = PteDecoder(report.path)
     eager = build_decoder(tiny_model, policy, PteConfig(max_seq_len=MAX_SEQ, chunk_size=CHUNK, query_bits=8))
     fp32_query = build_decoder(tiny_model, policy, PteConfig(max_seq_len=MAX_SEQ, chunk_size=CHUNK))
