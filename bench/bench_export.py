@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -123,8 +122,14 @@ def main(layers, weights, max_seq_len, out, worker_kind):
     Console().print(table)
     same = stock["sha256"] == ours["sha256"]
     print(f"programs {'identical' if same else 'DIFFER'} ({ours['bytes']:,} bytes)")
+    sys.path.insert(0, str(ROOT))
+    from bench_attention import host_info  # cpu, cores, torch, kernel ISA, commit
+    from export.bundle import versions
+
+    host = host_info()
+    print(f"host: {host['cpu']}, {host['cores']} cores; commit {host['commit']}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"host": platform.processor() or platform.machine(), "layers": layers, "weights": weights, "max_seq_len": max_seq_len,
+    result = {"host": host, "versions": versions(), "layers": layers, "weights": weights, "max_seq_len": max_seq_len,
               "identical_programs": same, "records": records}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
