@@ -247,7 +247,7 @@ class _LinearOf(torch.nn.Module):
         return torch.nn.functional.linear(x, w)
 
 
-def test_partitioner_drops_xnnpacks_filter_only_when_it_accepts_every_linear(tiny_model):
+def test_partitioner_drops_xnnpacks_filter_only_when_it_accepts_every_linear(learned_programs):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     from export.partition import XnnpackLinearPartitioner
@@ -256,8 +256,7 @@ def test_partitioner_drops_xnnpacks_filter_only_when_it_accepts_every_linear(tin
     ops_kept, keep = XnnpackLinearPartitioner().ops_to_not_decompose(ep)
     assert keep is not None and not keep(next(n for n in ep.graph.nodes if n.target == torch.ops.aten.linear.default))
     assert ops_kept == XnnpackPartitioner().ops_to_not_decompose(ep)[0]
-    dec = build_decoder(tiny_model, StaticPolicy(4), PteConfig(max_seq_len=32, chunk_size=4))
-    ep = export_programs(dec)["forward"].run_decompositions({})
+    ep = learned_programs[2]["forward"].run_decompositions({})  # the learned decoder: its cond and scan branches too
     assert XnnpackLinearPartitioner().ops_to_not_decompose(ep)[1] is None
 
 
@@ -325,10 +324,9 @@ def test_8da4w_pte_runs_the_quantized_model(tmp_path):
     report = export_pte(model, None, policy, 32, "8da4w", tmp_path / "q.pte", chunk_size=4, check_ir=True)
     assert report.path.stat().st_size == report.bytes and list(tmp_path.iterdir()) == [report.path]  # no temp file left
     assert set(report.seconds) == {"build", "torch.export", "to_edge_transform_and_lower", "to_executorch", "write"}
-    stock = build_decoder(model, policy, config)
-    assert lower(export_programs(stock), metadata(stock), partitioner=XnnpackPartitioner()).buffer == report.path.read_bytes()
-    pte = PteDecoder(report.path)
     quantized, float_ref = build_decoder(model, policy, config), build_decoder(model, policy, PteConfig(max_seq_len=32, chunk_size=4))
+    assert lower(export_programs(quantized), metadata(quantized), partitioner=XnnpackPartitioner()).buffer == report.path.read_bytes()
+    pte = PteDecoder(report.path)
     for chunk in (IDS[:4], IDS[4:5]):
         logits, _ = pte.step(chunk)
         (q, _), (f, _) = quantized.step(chunk), float_ref.step(chunk)
