@@ -71,9 +71,10 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 # the export lowering time, then the side-by-side run of every KV policy against the peers.
 bench: bench-kernels bench-export bench-side-by-side
 
-# Export lowering time (~5 min): kvexport's lowering vs the stock settings, two exports side by side.
+# Export lowering time (~5 + ~10 min): kvexport's lowering vs the stock settings, two exports side by side (fp32, 8da4w).
 bench-export: setup
 	$(PY) bench/bench_export.py
+	$(PY) bench/bench_export.py --weights 8da4w
 
 # Host microbenchmarks (minutes): the attention kernel vs fp32 SDPA, eager decode fused vs reference.
 bench-kernels: setup

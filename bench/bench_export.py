@@ -8,7 +8,8 @@ the model, builds the default exported decoder (learned controller, int8 query),
 torch.export, to_edge_transform_and_lower and to_executorch, and hashes the program:
 
 - ``stock``: XNNPACK's own partitioner, EXIR's edge-IR validator on (to_edge's defaults);
-- ``kvexport``: ``export.pte.lower`` as ``kvexport export`` runs it.
+- ``kvexport``: ``export.pte.lower`` as ``kvexport export`` runs it (export/partition.py's
+  partitioner, no validator, and for 8da4w export/qdq.py's quantized_decomposed q/dq ops).
 
 Reports each stage's seconds, the ratio kvexport / stock, and whether the two programs are the
 same bytes (they must be: the difference is work that does not change the program). One run
@@ -55,9 +56,7 @@ def worker(kind: str, layers: int | None, weights: str, max_seq_len: int) -> dic
     programs = export_programs(decoder)
     seconds["torch.export"] = time.perf_counter() - t0
     if kind == "stock":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        program = lower(programs, metadata(decoder, tok), seconds, check_ir=True, partitioner=XnnpackPartitioner())
+        program = lower(programs, metadata(decoder, tok), seconds, check_ir=True, stock=True)
     else:
         program = lower(programs, metadata(decoder, tok), seconds)
     data = program.buffer
@@ -88,12 +87,13 @@ def plot(records: list[dict], path: Path) -> None:
 @click.option("--layers", type=int, default=None, help="Cut the model to its first N layers (default: all).")
 @click.option("--weights", type=click.Choice(["fp32", "8da4w"]), default="fp32", show_default=True)
 @click.option("--max-seq-len", default=2048, show_default=True)
-@click.option("--out", default="bench/results/export_lowering.json", type=click.Path(path_type=Path), show_default=True)
+@click.option("--out", default=None, type=click.Path(path_type=Path), help="[default: bench/results/export_lowering[_8da4w].json]")
 @click.option("--worker", "worker_kind", type=click.Choice(["stock", "kvexport"]), hidden=True)
 def main(layers, weights, max_seq_len, out, worker_kind):
     if worker_kind:  # child: print one JSON record
         print("RECORD " + json.dumps(worker(worker_kind, layers, weights, max_seq_len)), flush=True)
         return
+    out = out or ROOT / "bench" / "results" / f"export_lowering{'' if weights == 'fp32' else '_' + weights}.json"
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         raise click.ClickException("needs two cores to run both exports side by side")

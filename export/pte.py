@@ -182,26 +182,34 @@ def lower(
     constants: dict,
     seconds: dict[str, float] | None = None,
     check_ir: bool = False,
-    partitioner=None,
+    stock: bool = False,
 ):
     """-> ExecutorchProgramManager: XNNPACK for what it runs, portable + kvq kernels for the rest.
 
     ``check_ir``: run EXIR's edge-dialect validator (every op's dtypes against its kernel
     schema). It changes nothing in the program and takes ~14% of to_edge_transform_and_lower, so
     user exports skip it, as ExecuTorch's own LLM export does; the tests turn it on.
-    ``partitioner``: default :class:`~export.partition.XnnpackLinearPartitioner` (tests and
-    bench/bench_export.py pass XNNPACK's own to compare)."""
+    Two things make kvexport's lowering cheaper than the stock flow and leave the program byte for
+    byte the same: :class:`~export.partition.XnnpackLinearPartitioner` (one whole-program
+    re-trace fewer) and :func:`~export.qdq.rewrite_8da4w` (8da4w q/dq ops with meta kernels; it
+    rewrites ``programs`` in place). ``stock=True`` lowers with XNNPACK's own partitioner and the
+    ops as traced, what ExecuTorch's flow does (tests and bench/bench_export.py compare)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     from .partition import XnnpackLinearPartitioner
+    from .qdq import rewrite_8da4w
 
     seconds = {} if seconds is None else seconds
     with _stage("to_edge_transform_and_lower", seconds):
+        if not stock:
+            for ep in programs.values():
+                rewrite_8da4w(ep)
         edge = to_edge_transform_and_lower(
             programs,
-            partitioner={"forward": [partitioner or XnnpackLinearPartitioner()]},
+            partitioner={"forward": [XnnpackPartitioner() if stock else XnnpackLinearPartitioner()]},
             constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=check_ir),
         )

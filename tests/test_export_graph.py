@@ -315,22 +315,68 @@ def test_pte_reset_metadata_and_overflow(tiny_model, learned_pte):
 def test_8da4w_pte_runs_the_quantized_model(tmp_path):
     """int8-dynamic-activation x int4-weight linears through XNNPACK: close to torchao's eager
     8da4w (their activation rounding differs slightly), much closer than to the fp32 model. The
-    program is byte for byte what XNNPACK's own partitioner gives (export/partition.py drops its
-    filter: one run_decompositions fewer)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
+    program is byte for byte what the stock lowering gives (XNNPACK's own partitioner, torchao's
+    q/dq ops as traced): export/partition.py and export/qdq.py change its cost only."""
     model = tiny_llama(seed=0, num_hidden_layers=1)  # 1 layer: quicker to lower
     policy, config = StaticPolicy(4), PteConfig(max_seq_len=32, chunk_size=4, weights="8da4w")
     report = export_pte(model, None, policy, 32, "8da4w", tmp_path / "q.pte", chunk_size=4, check_ir=True)
     assert report.path.stat().st_size == report.bytes and list(tmp_path.iterdir()) == [report.path]  # no temp file left
     assert set(report.seconds) == {"build", "torch.export", "to_edge_transform_and_lower", "to_executorch", "write"}
     quantized, float_ref = build_decoder(model, policy, config), build_decoder(model, policy, PteConfig(max_seq_len=32, chunk_size=4))
-    assert lower(export_programs(quantized), metadata(quantized), partitioner=XnnpackPartitioner()).buffer == report.path.read_bytes()
+    assert lower(export_programs(quantized), metadata(quantized), stock=True).buffer == report.path.read_bytes()
     pte = PteDecoder(report.path)
     for chunk in (IDS[:4], IDS[4:5]):
         logits, _ = pte.step(chunk)
         (q, _), (f, _) = quantized.step(chunk), float_ref.step(chunk)
         assert (logits - q).abs().max() < 0.25 * (f - q).abs().max()
+
+
+class _ActivationQdq(torch.nn.Module):
+    """torchao's per-token int8 activation q/dq, spelled out; ``leak``: the scale is also used
+    outside the chain (not the 8da4w pattern)."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.leak = leak
+
+    def forward(self, x):
+        ao, block = torch.ops.torchao, [1, x.shape[-1]]
+        s, z = ao.choose_qparams_affine(x, "ASYMMETRIC", block, torch.int8, -128, 127, None, None, torch.int8)
+        y = ao.dequantize_affine(ao.quantize_affine(x, block, s, z, torch.int8, -128, 127), block, s, z, torch.int8, -128, 127)
+        return y * s.unsqueeze(-1) if self.leak else y
+
+
+def test_rewrite_8da4w_swaps_torchao_qdq_for_quantized_decomposed_ops():
+    """export/qdq.py rewrites every activation chain and int4 weight of an 8da4w decoder (nothing
+    torchao is left), computes what the chain computed up to XNNPACK's zero-point choice (one
+    step), and leaves a chain alone when its scale escapes it."""
+    import torchao.quantization.quant_primitives  # noqa: F401  (torch.ops.torchao)
+    from torchao.utils import TorchAOBaseTensor
+
+    from export.qdq import rewrite_8da4w
+
+    x = torch.randn(5, 16) * 3
+    ep = torch.export.export(_ActivationQdq(), (x,))
+    before = ep.module()(x)
+    assert rewrite_8da4w(ep) == 1
+    assert {n.target for n in ep.graph.nodes if "quantize" in str(n.target) or "qparams" in str(n.target)} == {
+        torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default,
+        torch.ops.quantized_decomposed.quantize_per_token.default, torch.ops.quantized_decomposed.dequantize_per_token.default}
+    step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
+    after = ep.module()(x)
+    assert ((after - before).abs() <= step * 1.001).all() and ((after - x).abs() <= step * 1.001).all()
+
+    leaky = torch.export.export(_ActivationQdq(leak=True), (x,))
+    targets = [n.target for n in leaky.graph.nodes]
+    assert rewrite_8da4w(leaky) == 0 and [n.target for n in leaky.graph.nodes] == targets
+
+    model = tiny_llama(seed=0, num_hidden_layers=1)
+    decoder = build_decoder(model, StaticPolicy(4), PteConfig(max_seq_len=32, chunk_size=4, weights="8da4w"))
+    linears = sum(isinstance(getattr(m, "weight", None), TorchAOBaseTensor) for m in decoder.modules())
+    assert linears >= 7  # q, k, v, o, gate, up, down (and lm_head when the group divides it)
+    programs = export_programs(decoder)
+    assert rewrite_8da4w(programs["forward"]) == 2 * linears  # an activation chain and a weight each
+    assert not [n for n in programs["forward"].graph.nodes if getattr(n.target, "namespace", None) == "torchao"]
 
 
 def test_int8_query_pte_matches_eager(tiny_model, tmp_path):
