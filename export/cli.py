@@ -71,6 +71,9 @@ class _Errors(click.Group):
 @click.version_option(package_name="kvexport")
 def main() -> None:
     """kvexport: adaptive mixed-precision KV cache for small llama models."""
+    from .quiet import install
+
+    install()
 
 
 @main.command("eval")

@@ -146,7 +146,9 @@ def _beside(fn, *args) -> Iterator:
     returns or re-raises); the process is killed if the block fails."""
     import multiprocessing
 
-    pool = multiprocessing.get_context("spawn").Pool(1)
+    from .quiet import install
+
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=install)  # before the task imports torchao
     try:
         yield pool.apply_async(fn, args)
     except BaseException:

@@ -170,3 +170,26 @@ def test_job_beside_the_export_returns_reraises_and_is_stopped_with_the_export()
     with pytest.raises(KeyboardInterrupt), _beside(time.sleep, 600):
         raise KeyboardInterrupt  # Ctrl-C during the .pte lowering
     assert not multiprocessing.active_children()
+
+
+def test_quiet_hides_only_the_known_third_party_lines(caplog):
+    """export/quiet.py (installed by every command): torchao's CUDA-extension line goes, any
+    other torchao warning still prints; the tree-spec FutureWarning goes, others stay."""
+    import logging
+    import warnings
+
+    from export.quiet import install
+
+    log = logging.getLogger("torchao")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        install()
+        install()  # idempotent: one filter per logger
+        with caplog.at_level(logging.WARNING, logger="torchao"):
+            log.warning("Failed to load %s: Could not load this library", "/x/_C_mxfp8.so")
+            log.warning("Skipping import of cpp extensions due to incompatible torch version")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [r.getMessage() for r in caplog.records] == ["Skipping import of cpp extensions due to incompatible torch version"]
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+    assert sum(type(f).__name__ == "_DropKnown" for f in log.filters) == 1
