@@ -77,6 +77,11 @@ def _set(node: torch.fx.Node, target, args: tuple) -> None:
     node.target, node.args, node.kwargs = target, args, {}
 
 
+def _fake_val(node: torch.fx.Node):
+    """The node's output on its inputs' fake values (call inside the program's fake mode)."""
+    return node.target(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args))
+
+
 def rewrite_8da4w(ep: torch.export.ExportedProgram) -> int:
     """Rewrite ``ep``'s torchao 8da4w q/dq ops in place (node meta recomputed on its fake
     tensors); -> how many activation chains and weight dequantizes were rewritten."""
@@ -99,10 +104,10 @@ def rewrite_8da4w(ep: torch.export.ExportedProgram) -> int:
             for d in dequantizes:
                 _set(d, qd.dequantize_per_token.default, (d.args[0], scale, zero, *INT8_RANGE, torch.int8, _output_dtype(d)))
             with fake:
-                node.meta["val"] = node.target(x.meta["val"], torch.int8)  # scale [..., 1] fp64, zero [..., 1] int64
+                node.meta["val"] = _fake_val(node)  # scale [..., 1] fp64, zero [..., 1] int64
                 scale.meta["val"], zero.meta["val"] = node.meta["val"]
                 for n in (*quantizes, *dequantizes):
-                    n.meta["val"] = n.target(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in n.args))
+                    n.meta["val"] = _fake_val(n)
             count += 1
         elif node.target is dequantize_op:
             w, block, scale, zero = node.args[:4]
@@ -116,7 +121,7 @@ def rewrite_8da4w(ep: torch.export.ExportedProgram) -> int:
             qmin, qmax = node.args[5:7]
             _set(node, qd.dequantize_per_channel_group.default, (w, scale, zero, qmin, qmax, torch.int8, block[1], _output_dtype(node)))
             with fake:
-                node.meta["val"] = node.target(wv, scale.meta["val"], zero.meta["val"], *node.args[3:])
+                node.meta["val"] = _fake_val(node)
             count += 1
     ep.graph_module.recompile()
     return count

@@ -22,7 +22,7 @@ LOG_LINES: dict[str, tuple[str, ...]] = {
     # empty int lists (e.g. a reduction over no axes) in onnxscript's translation: INTS is right
     "onnx_ir._convenience": ("Attribute type is ambiguous because it is an empty sequence",),
 }
-# (category, message regex): torch's own pickling of tree specs (export programs crossing processes)
+# (category, message regex): torch.export's run_decompositions deep-copies its own module call graph's tree specs
 WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
 )
