@@ -64,6 +64,7 @@ class PteConfig:
     query_bits: int = 32  # 8: attention scores the packed keys with int8 query rows (kvq_kernels.h)
     state_method: bool = False  # also export `state` (copies of the whole cache: tests, debugging)
     check_ir: bool = False  # run EXIR's edge-dialect validator while lowering (tests; see lower)
+    processes: int | None = None  # XNNPACK preprocesses partitions in this many forked workers (None: the cores available)
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
@@ -72,6 +73,8 @@ class PteConfig:
             raise PteExportError(f"need max_seq_len > 0 and 1 <= chunk_size <= max_seq_len, got max_seq_len={self.max_seq_len}, chunk_size={self.chunk_size}")
         if self.weight_group_size <= 0:
             raise PteExportError(f"weight_group_size must be positive, got {self.weight_group_size}")
+        if self.processes is not None and self.processes < 1:
+            raise PteExportError(f"processes must be at least 1, got {self.processes}")
         if self.query_bits not in QUERY_BITS:
             raise PteExportError(f"query_bits={self.query_bits}: the attention's query is fp32 (32) or int8 rows (8)")
 
@@ -183,27 +186,33 @@ def lower(
     seconds: dict[str, float] | None = None,
     check_ir: bool = False,
     stock: bool = False,
+    processes: int | None = None,
 ):
     """-> ExecutorchProgramManager: XNNPACK for what it runs, portable + kvq kernels for the rest.
 
     ``check_ir``: run EXIR's edge-dialect validator (every op's dtypes against its kernel
     schema). It changes nothing in the program and takes ~14% of to_edge_transform_and_lower, so
     user exports skip it, as ExecuTorch's own LLM export does; the tests turn it on.
-    Two things make kvexport's lowering cheaper than the stock flow and leave the program byte for
-    byte the same: :class:`~export.partition.XnnpackLinearPartitioner` (one whole-program
-    re-trace fewer) and :func:`~export.qdq.rewrite_8da4w` (8da4w q/dq ops with meta kernels; it
-    rewrites ``programs`` in place). ``stock=True`` lowers with XNNPACK's own partitioner and the
-    ops as traced, what ExecuTorch's flow does (tests and bench/bench_export.py compare)."""
+    Three things make kvexport's lowering cheaper than the stock flow and leave the program byte
+    for byte the same: :class:`~export.partition.XnnpackLinearPartitioner` (one whole-program
+    re-trace fewer), :func:`~export.qdq.rewrite_8da4w` (8da4w q/dq ops with meta kernels; it
+    rewrites ``programs`` in place) and :func:`~export.preprocess_pool.parallel_preprocess`
+    (XNNPACK's partitions compiled in ``processes`` forked workers; default: the cores this
+    process may use). ``stock=True`` lowers as ExecuTorch's flow does: XNNPACK's own partitioner,
+    the ops as traced, partitions compiled one after another (tests and bench/bench_export.py
+    compare)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     from .partition import XnnpackLinearPartitioner
+    from .preprocess_pool import parallel_preprocess
     from .qdq import rewrite_8da4w
 
     seconds = {} if seconds is None else seconds
-    with _stage("to_edge_transform_and_lower", seconds):
+    pool = contextlib.nullcontext() if stock else parallel_preprocess(processes)
+    with _stage("to_edge_transform_and_lower", seconds), pool as stats:
         if not stock:
             for ep in programs.values():
                 rewrite_8da4w(ep)
@@ -213,6 +222,9 @@ def lower(
             constant_methods=constants,
             compile_config=EdgeCompileConfig(_check_ir_validity=check_ir),
         )
+        if stats is not None:
+            work = f", {stats.work:.1f} s of work" if stats.processes > 1 else ""
+            log.info("XNNPACK preprocessed %d partitions in %d process(es): %.1f s%s", stats.partitions, stats.processes, stats.seconds, work)
     with _stage("to_executorch", seconds):
         return edge.to_executorch(
             ExecutorchBackendConfig(
@@ -247,14 +259,14 @@ def export_pte(
     """Export ``model`` (an HF LlamaForCausalLM) with ``policy``'s packed cache to ``out_path``.
 
     ``options``: the other :class:`PteConfig` fields (chunk_size, weight_group_size, kv_group_size,
-    hadamard, query_bits, state_method, check_ir). Returns the path, size and per-stage seconds."""
+    hadamard, query_bits, state_method, check_ir, processes). Returns the path, size and per-stage seconds."""
     config = PteConfig(max_seq_len=max_seq_len, weights=weights, **options)
     seconds: dict[str, float] = {}
     with _stage("build", seconds):
         decoder = build_decoder(model, policy, config)
     with _stage("torch.export", seconds):
         programs = export_programs(decoder, config.state_method)
-    program = lower(programs, metadata(decoder, tokenizer), seconds, config.check_ir)
+    program = lower(programs, metadata(decoder, tokenizer), seconds, config.check_ir, processes=config.processes)
     out = Path(out_path)
     with _stage("write", seconds):
         data = program.buffer

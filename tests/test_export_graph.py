@@ -10,7 +10,9 @@ step by step from the same state: after each step the eager decoder takes over t
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 
 import pytest
 import torch
@@ -312,14 +314,22 @@ def test_pte_reset_metadata_and_overflow(tiny_model, learned_pte):
         pte.step(IDS[:9])
 
 
-def test_8da4w_pte_runs_the_quantized_model(tmp_path):
+def test_8da4w_pte_runs_the_quantized_model(tmp_path, caplog):
     """int8-dynamic-activation x int4-weight linears through XNNPACK: close to torchao's eager
     8da4w (their activation rounding differs slightly), much closer than to the fp32 model. The
     program is byte for byte what the stock lowering gives (XNNPACK's own partitioner, torchao's
-    q/dq ops as traced): export/partition.py and export/qdq.py change its cost only."""
+    q/dq ops as traced, partitions preprocessed one after another in this process):
+    export/partition.py, export/qdq.py and export/preprocess_pool.py change its cost only."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend.backend_details import BackendDetails
+
     model = tiny_llama(seed=0, num_hidden_layers=1)  # 1 layer: quicker to lower
     policy, config = StaticPolicy(4), PteConfig(max_seq_len=32, chunk_size=4, weights="8da4w")
-    report = export_pte(model, None, policy, 32, "8da4w", tmp_path / "q.pte", chunk_size=4, check_ir=True)
+    with caplog.at_level(logging.INFO, logger="export.pte"):
+        report = export_pte(model, None, policy, 32, "8da4w", tmp_path / "q.pte", chunk_size=4, check_ir=True, processes=2)
+    runs = re.findall(r"preprocessed (\d+) partitions in (\d+) process", caplog.text)
+    assert len(runs) == 1 and int(runs[0][0]) >= 2 and runs[0][1] == "2", runs  # forked workers did preprocess
+    assert XnnpackBackend.preprocess_multimethod.__func__ is BackendDetails.preprocess_multimethod.__func__  # restored
     assert report.path.stat().st_size == report.bytes and list(tmp_path.iterdir()) == [report.path]  # no temp file left
     assert set(report.seconds) == {"build", "torch.export", "to_edge_transform_and_lower", "to_executorch", "write"}
     quantized, float_ref = build_decoder(model, policy, config), build_decoder(model, policy, PteConfig(max_seq_len=32, chunk_size=4))
