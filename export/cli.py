@@ -272,14 +272,16 @@ def train_controller(model, data_specs, window, max_windows, budget, features, a
               help="Comma-separated: pte (ExecuTorch program + kvq kernels), onnx (model.onnx + model.onnx.data, stock onnxruntime).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle folder.")
+@click.option("--jobs", default=None, type=int,
+              help="Processes that compile XNNPACK's partitions of the .pte (forked workers; 1: in this process). [default: the cores available, at most 8]")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_size, hadamard, query_bits, formats, out, force, as_json):
+def export_cmd(model, policy, controller, budget, weights, max_seq_len, chunk_size, hadamard, query_bits, formats, out, force, jobs, as_json):
     """Export a device bundle: model.pte and model.onnx (model + packed cache + features + controller), tokenizer, manifest."""
     from .pipeline import ExportOptions, export_bundle
 
     opts = ExportOptions(out=out, model=model, policy=policy, controller=controller, budget_bits=budget, weights=weights,
                          max_seq_len=max_seq_len, chunk_size=chunk_size, hadamard=hadamard, query_bits=None if query_bits is None else int(query_bits), force=force,
-                         formats=tuple(f.strip() for f in formats.split(",") if f.strip()))
+                         formats=tuple(f.strip() for f in formats.split(",") if f.strip()), jobs=jobs)
     logger = logging.getLogger("export")
     logger.setLevel(logging.INFO)
     with err.status("export") as status:

@@ -46,6 +46,7 @@ class ExportOptions:
     query_bits: int | None = None  # 8: packed keys scored with int8 query rows; None: 8 unless fp16 (nothing packed)
     formats: tuple[str, ...] = FORMATS
     force: bool = False
+    jobs: int | None = None  # processes compiling XNNPACK's partitions (None: the cores available, export/preprocess_pool.py)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -69,6 +70,8 @@ class ExportOptions:
             raise PteExportError(f"--query-bits {self.query_bits}: the attention's query is fp32 (32) or int8 rows (8)")
         if self.controller is not None and not Path(self.controller).is_file():
             raise FileNotFoundError(f"controller file {self.controller} not found; train one with `kvexport train-controller --out FILE`")
+        if self.jobs is not None and self.jobs < 1:
+            raise PteExportError(f"--jobs {self.jobs}: give at least 1 process (1 compiles XNNPACK's partitions in this process)")
         if not 1 <= self.chunk_size <= self.max_seq_len:
             raise PteExportError(f"need 1 <= chunk size <= max sequence length, got {self.chunk_size} and {self.max_seq_len}")
         if Path(self.out).exists() and not self.force:
@@ -185,6 +188,7 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
                 model, tok, policy, opts.max_seq_len, opts.weights, tmp / B.PROGRAM,
                 chunk_size=opts.chunk_size, kv_group_size=opts.kv_group_size, hadamard=opts.hadamard, query_bits=opts.query_bits,
                 state_method=True,  # `kvexport validate` compares the packed cache itself
+                processes=opts.jobs,
             )
             decoder = report.decoder
             seconds.update(report.seconds)

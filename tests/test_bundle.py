@@ -128,6 +128,7 @@ def test_missing_kernel_library_names_the_fix(bundle_dir, monkeypatch, tmp_path)
     (["--policy", "static-4", "--kv-budget-bits", "3"], "applies to rule and learned"),
     (["--controller", "missing.safetensors"], "controller file missing.safetensors not found"),
     (["--formats", "pte,tflite"], "choose one or more of pte,onnx"),
+    (["--jobs", "0"], "--jobs 0: give at least 1 process"),
 ])
 def test_bad_export_options_fail_before_loading(tmp_path, args, message):
     out = tmp_path / "never"
