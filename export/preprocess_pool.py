@@ -79,15 +79,9 @@ def parallel_preprocess(processes: int | None = None) -> Iterator[PoolStats]:
         global _JOBS
         t0 = time.perf_counter()
         keys = [(m, i) for m, progs in edge_programs.items() for i in range(len(progs))]
-        if min(processes, len(keys)) <= 1:
-            stats.partitions, stats.processes = len(keys), 1
-            out = serial(edge_programs, compile_specs)
-        else:
-            for m, progs in edge_programs.items():
-                if len(compile_specs[m]) != len(progs):
-                    raise ValueError(f"method {m}: {len(progs)} partitions but {len(compile_specs[m])} compile specs")
+        n, done = min(processes, len(keys)), None
+        if n > 1:
             _JOBS = [(edge_programs[m][i], compile_specs[m][i]) for m, i in keys]
-            n = min(processes, len(keys))
             # biggest partitions first (the passes' cost grows with the nodes), so no worker is
             # left with a big one at the end while the others idle
             order = sorted(range(len(keys)), key=lambda j: -len(_JOBS[j][0].graph.nodes))
@@ -96,19 +90,17 @@ def parallel_preprocess(processes: int | None = None) -> Iterator[PoolStats]:
                     done = dict(zip(order, pool.map(_preprocess, order)))
             except BrokenProcessPool as e:
                 log.warning("an XNNPACK preprocessing worker died (%s); compiling the partitions in this process", e)
-                done = None
             finally:
                 _JOBS = []
-            if done is None:
-                stats.partitions, stats.processes = len(keys), 1
-                out = serial(edge_programs, compile_specs)
-            else:
-                out = {m: [None] * len(progs) for m, progs in edge_programs.items()}
-                for j, (m, i) in enumerate(keys):
-                    out[m][i] = done[j][0]
-                stats.work = sum(t for _, t in done.values())
-                stats.partitions, stats.processes = len(keys), n
-        stats.seconds = time.perf_counter() - t0
+        if done is None:
+            n, stats.work = 1, 0.0
+            out = serial(edge_programs, compile_specs)
+        else:
+            out = {m: [None] * len(progs) for m, progs in edge_programs.items()}
+            for j, (m, i) in enumerate(keys):
+                out[m][i] = done[j][0]
+            stats.work = sum(t for _, t in done.values())
+        stats.partitions, stats.processes, stats.seconds = len(keys), n, time.perf_counter() - t0
         return out
 
     XnnpackBackend.preprocess_multimethod = classmethod(multimethod)
