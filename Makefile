@@ -8,7 +8,7 @@ WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup system-packages test test-fast demo bench bench-kernels bench-export bench-side-by-side bench-pte clean android-host-test
+.PHONY: setup system-packages test test-fast demo bench bench-kernels bench-weights bench-export bench-side-by-side bench-pte clean android-host-test
 
 KVQ_LIB := runtime_ops/build/libkvq_aten.so
 KVQ_SRC := $(wildcard runtime_ops/*.h runtime_ops/*.cpp runtime_ops/tests/*.cpp runtime_ops/runner/*.h runtime_ops/runner/*.cpp \
@@ -68,8 +68,13 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 	$(VENV)/bin/kvexport run $(DEMO_BUNDLE) --prompt "Give me three tips for staying healthy." --max-new-tokens 64
 
 # Everything below writes JSON + PNG to bench/results/. `make bench` = the kernel microbenchmarks,
-# the export lowering time, then the side-by-side run of every KV policy against the peers.
-bench: bench-kernels bench-export bench-side-by-side
+# the 8da4w weights' perplexity, the export lowering time, then the side-by-side run of every KV
+# policy against the peers.
+bench: bench-kernels bench-weights bench-export bench-side-by-side
+
+# WikiText-2 perplexity of SmolLM2-135M per 8da4w weight scheme (~4 min).
+bench-weights: setup
+	$(PY) bench/bench_weights.py
 
 # Export lowering time (~5 + ~10 min): kvexport's lowering vs the stock settings, two exports side by side (fp32, 8da4w).
 bench-export: setup

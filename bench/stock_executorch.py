@@ -47,7 +47,7 @@ def export_stock_pte(model, max_seq_len: int, weights: str, out_path) -> dict:
     """Export ``model`` (HF LlamaForCausalLM, fp32) the stock way to ``out_path``.
 
     ``weights="8da4w"`` quantizes the linears first, the same way as the repo's own export
-    (``export.pte.quantize_8da4w``), so only the KV cache differs between the two programs.
+    (``export.weight_quant.quantize_8da4w``), so only the KV cache differs between the two programs.
     Returns the size, the time of each stage, the forward's input signature and the cache dtype."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -57,7 +57,7 @@ def export_stock_pte(model, max_seq_len: int, weights: str, out_path) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if weights == "8da4w":
-        from export.pte import quantize_8da4w
+        from export.weight_quant import quantize_8da4w
 
         model = quantize_8da4w(model)  # quantized deep copy; the caller's model is untouched
     seconds["quantize"] = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from adaptive_kv.policy import POLICY_NAMES, PolicyError
 
 from . import bundle as B
 from .pte import WEIGHT_FORMATS, PteConfig, PteExportError
+from .weight_quant import WeightQuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ def _policy_record(policy, controller_path: str | None, budget: float | None) ->
             "model_id": meta.model,
         }
     return rec
+
+
+def _weights_record(weights: str, config: PteConfig) -> dict:
+    if weights != "8da4w":
+        return {"scheme": weights, "group_size": None}
+    return {"scheme": weights, "group_size": config.weight_group_size, **WeightQuantConfig(group_size=config.weight_group_size).record()}
 
 
 def _model_record(model, source: str | None) -> dict:
@@ -215,7 +222,7 @@ def export_bundle(opts: ExportOptions, status=None) -> dict:
             "onnx": {"model": B.ONNX_MODEL, "data": data_path(B.ONNX_MODEL).name, **io_spec(decoder)} if "onnx" in opts.formats else None,
             "model": _model_record(model, opts.model),
             "policy": _policy_record(policy, controller, opts.budget_bits),
-            "weights": {"scheme": opts.weights, "group_size": config.weight_group_size if opts.weights == "8da4w" else None},
+            "weights": _weights_record(opts.weights, config),
             "cache": B.cache_plan(decoder),
             "methods": {
                 "forward": "forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, T, vocab]; "

@@ -30,7 +30,6 @@ a second method sharing the buffers: "offset index 63 out of range" at load).
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import time
@@ -43,6 +42,7 @@ import torch
 from adaptive_kv.formats import QUERY_BITS
 
 from .graph import ExportableDecoder
+from .weight_quant import WeightQuantConfig, quantize_8da4w
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +107,10 @@ def _as_forward(module: torch.nn.Module, fn: Callable) -> Iterator[torch.nn.Modu
         del module.forward
 
 
-def quantize_8da4w(model: torch.nn.Module, group_size: int = 32) -> torch.nn.Module:
-    """A copy of ``model`` whose linears hold int4 grouped weights with int8 dynamic activations
-    (torchao; what ExecuTorch's llama example calls 8da4w). Linears whose in_features the group
-    does not divide stay float."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerGroup
-
-    model = copy.deepcopy(model)
-    quantize_(
-        model,
-        Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)),
-        filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m.in_features % group_size == 0,
-    )
-    return model
-
-
 def build_decoder(model, policy, config: PteConfig) -> ExportableDecoder:
     """The decoder the .pte will run (weights quantized as configured); also the eager reference."""
     if config.weights == "8da4w":
-        model = quantize_8da4w(model, config.weight_group_size)
+        model = quantize_8da4w(model, WeightQuantConfig(group_size=config.weight_group_size))
     return ExportableDecoder(
         model, policy, config.max_seq_len, chunk_size=config.chunk_size, group_size=config.kv_group_size, hadamard=config.hadamard,
         query_bits=config.query_bits,

@@ -160,9 +160,11 @@ def test_onnx_step_matches_eager_including_the_cache(exported):
     ops.load_library()
     runner = OnnxDecoder(path)
     assert (runner.chunk_size, runner.max_seq_len, runner.eos_ids) == (CHUNK, MAX_SEQ, (2,))
-    # an int8 query row rounds its codes: a last-bit difference upstream (onnxruntime sums in
-    # another order) can move one code by one, a step far larger than fp32 rounding: the .pte bar
-    tol = 1e-2 if decoder.query_bits == 8 else 1e-3
+    # an int8 query row, or 8da4w's int8 activation row, rounds its codes: a last-bit difference
+    # upstream (onnxruntime sums in another order) can move one code by one, a step far larger
+    # than fp32 rounding: the .pte bar
+    int8_rows = decoder.query_bits == 8 or any(type(getattr(m, "weight", None)).__module__.startswith("torchao") for m in decoder.modules())
+    tol = 1e-2 if int8_rows else 1e-3
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1))
     decoder.reset()
     start = 0
