@@ -22,7 +22,6 @@ from adaptive_kv.policy import POLICY_NAMES, PolicyError
 
 from . import bundle as B
 from .pte import WEIGHT_FORMATS, PteConfig, PteExportError
-from .weight_quant import WeightQuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def _policy_record(policy, controller_path: str | None, budget: float | None) ->
 def _weights_record(weights: str, config: PteConfig) -> dict:
     if weights != "8da4w":
         return {"scheme": weights, "group_size": None}
-    return {"scheme": weights, "group_size": config.weight_group_size, **WeightQuantConfig(group_size=config.weight_group_size).record()}
+    return {"scheme": weights, "group_size": config.weight_group_size, **config.weight_quant.record()}
 
 
 def _model_record(model, source: str | None) -> dict:

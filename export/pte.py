@@ -66,6 +66,11 @@ class PteConfig:
     check_ir: bool = False  # run EXIR's edge-dialect validator while lowering (tests; see lower)
     processes: int | None = None  # XNNPACK preprocesses partitions in this many forked workers (None: the cores available)
 
+    @property
+    def weight_quant(self) -> WeightQuantConfig:
+        """How ``weights="8da4w"`` chooses its int4 weights (export/weight_quant.py)."""
+        return WeightQuantConfig(group_size=self.weight_group_size)
+
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
             raise PteExportError(f"weights={self.weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -110,7 +115,7 @@ def _as_forward(module: torch.nn.Module, fn: Callable) -> Iterator[torch.nn.Modu
 def build_decoder(model, policy, config: PteConfig) -> ExportableDecoder:
     """The decoder the .pte will run (weights quantized as configured); also the eager reference."""
     if config.weights == "8da4w":
-        model = quantize_8da4w(model, WeightQuantConfig(group_size=config.weight_group_size))
+        model = quantize_8da4w(model, config.weight_quant)
     return ExportableDecoder(
         model, policy, config.max_seq_len, chunk_size=config.chunk_size, group_size=config.kv_group_size, hadamard=config.hadamard,
         query_bits=config.query_bits,

@@ -118,31 +118,32 @@ def calibrate(model: torch.nn.Module, config: WeightQuantConfig) -> dict[str, to
         torch.set_num_threads(threads)
 
 
-def reference_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """torchao's symmetric absmax scales [out, in / group] (the baseline the search must beat)."""
-    wg = w.detach().float().reshape(w.shape[0], -1, group_size)
-    return (wg.abs().amax(-1) / ((INT4_RANGE[1] - INT4_RANGE[0]) / 2)).clamp_min(torch.finfo(torch.float32).eps)
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    return w.detach().float().reshape(w.shape[0], -1, group_size)  # [out, groups, group]
+
+
+def _error(wg: torch.Tensor, scales: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    s = scales.float().unsqueeze(-1)
+    err = (wg - s * (wg / s).round().clamp(*INT4_RANGE)) ** 2
+    if importance is not None:
+        err = err * importance.float().reshape(1, -1, wg.shape[-1])
+    return err.sum(-1)
 
 
 def group_error(w: torch.Tensor, scales: torch.Tensor, group_size: int, importance: torch.Tensor | None = None) -> torch.Tensor:
     """Importance-weighted squared int4 rounding error of every group [out, in / group]."""
-    wg = w.detach().float().reshape(w.shape[0], -1, group_size)  # [out, groups, group]
-    s = scales.float().unsqueeze(-1)
-    err = (wg - s * (wg / s).round().clamp(*INT4_RANGE)) ** 2
-    if importance is not None:
-        err = err * importance.float().reshape(1, -1, group_size)
-    return err.sum(-1)
+    return _error(_grouped(w, group_size), scales, importance)
 
 
 def search_scales(w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None, candidates: int = 25) -> torch.Tensor:
     """bf16-representable scales [out, in / group] with the least group_error among absmax / d,
     d in [6, 9] (small d: a coarse grid that holds the extremes; large d: a finer grid that clips them)."""
-    wg = w.detach().float().reshape(w.shape[0], -1, group_size)
+    wg = _grouped(w, group_size)
     amax = wg.abs().amax(-1).clamp_min(torch.finfo(torch.float32).eps)  # [out, groups]
     best_s = best_e = None
     for d in torch.linspace(6.0, 9.0, candidates).tolist():
         s = (amax / d).to(torch.bfloat16).float().clamp_min(torch.finfo(torch.bfloat16).tiny)
-        e = group_error(w, s, group_size, importance)
+        e = _error(wg, s, importance)
         if best_s is None:
             best_s, best_e = s, e
         else:

@@ -17,12 +17,17 @@ from export.weight_quant import (
     group_error,
     input_importance,
     quantize_8da4w,
-    reference_scales,
     sample_calibration,
     search_scales,
 )
 
 GROUP = 32
+
+
+def reference_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """torchao's symmetric absmax scales [out, in / group]: the baseline the search must beat."""
+    wg = w.detach().float().reshape(w.shape[0], -1, group_size)
+    return (wg.abs().amax(-1) / ((INT4_RANGE[1] - INT4_RANGE[0]) / 2)).clamp_min(torch.finfo(torch.float32).eps)
 
 
 def _bf16(s: torch.Tensor) -> torch.Tensor:
